@@ -124,14 +124,29 @@ class MetaTrainParams:
 
 @dataclass(frozen=True)
 class FinetuneParams:
-    """Target adaptation starting from the meta-learned φ."""
+    """Target adaptation starting from the meta-learned φ.
 
-    target: str
+    targets: target datasets (prepared, with train/val/test splits).
+    methods: learners whose φ initialises a target model: names from
+        meta_train.algorithms, or "scratch" (random initialisation).
+    shots_per_class: labelled target images per class used for fine-tuning
+        (the data-scarce setting); drawn from the target's train split.
+    val_per_class: validation images per class for early stopping and method
+        selection (0 = the whole official val split).
+    force_method: "" chooses by target validation accuracy; a name forces it.
+    """
+
+    targets: tuple[str, ...]
+    methods: tuple[str, ...]
+    shots_per_class: int
+    val_per_class: int
     steps: int
     lr: float
+    batch_size: int
     train_layers: str  # "all" or "head"
+    eval_every: int
     patience: int
-    force_method: str  # "" = choose by target validation episodes
+    force_method: str
 
 
 @dataclass(frozen=True)
@@ -264,6 +279,26 @@ def _check_ranges(p: Params) -> None:
         need(m.n_way >= 2, "meta_train.n_way", f"must be >= 2, found {m.n_way}")
         need(len(m.sources) >= 1, "meta_train.sources", "must name at least one source dataset")
         need(all(s.weight > 0 for s in m.sources), "meta_train.sources", "every weight must be > 0")
+        from metatransfer.algorithms import REGISTRY, algorithm_class
+
+        for name in m.algorithms:
+            need(name in REGISTRY, "meta_train.algorithms", f"unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
+        for name, hp in m.hparams.items():
+            need(name in m.algorithms, f"meta_train.hparams.{name}", f"{name!r} is not in meta_train.algorithms {list(m.algorithms)}")
+            algorithm_class(name).hparams_class.from_mapping(hp, f"meta_train.hparams.{name}")
+    if p.finetune is not None:
+        f = p.finetune
+        need(f.train_layers in ("all", "head"), "finetune.train_layers", f"must be 'all' or 'head', found {f.train_layers!r}")
+        for key in ("shots_per_class", "batch_size", "eval_every"):
+            need(getattr(f, key) >= 1, f"finetune.{key}", f"must be >= 1, found {getattr(f, key)}")
+        for key in ("steps", "patience", "val_per_class"):
+            need(getattr(f, key) >= 0, f"finetune.{key}", f"must be >= 0, found {getattr(f, key)}")
+        need(f.lr > 0, "finetune.lr", f"must be > 0, found {f.lr}")
+        known = set(p.meta_train.algorithms if p.meta_train else ()) | {"scratch"}
+        for name in f.methods:
+            need(name in known, "finetune.methods", f"{name!r} is neither meta-trained (meta_train.algorithms) nor 'scratch'; allowed: {sorted(known)}")
+        need(not f.force_method or f.force_method in f.methods, "finetune.force_method",
+             f"must be '' or one of finetune.methods {list(f.methods)}, found {f.force_method!r}")
     if p.evaluate is not None:
         need(0 < p.evaluate.confidence < 1, "evaluate.confidence", f"must be in (0, 1), found {p.evaluate.confidence}")
 

@@ -7,14 +7,29 @@ Layout (one folder per dataset under the prepared dir, e.g. data/prepared):
     <prepared>/quarantine.csv              skipped inputs with a reason
     <prepared>/report.json                 counts per dataset/split
 
-Manifest row i describes images.npy[i].
+Manifest row i describes images.npy[i]. Manifest columns (validated by
+metatransfer.data.schemas): id, dataset, domain, class, label, split,
+source_path, pixel_hash, orig_height, orig_width, orig_channels. Source
+datasets use the class-disjoint splits meta_train/meta_val/meta_test; target
+datasets use train/val/test. Pixels: uint8, Omniglot ink bright (255) on a
+black background; grey from RGB by ITU-R 601 luma.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+
+from metatransfer.errors import DataError
+
+IMAGES_FILE = "images.npy"
+MANIFEST_FILE = "manifest.parquet"
+QUARANTINE_FILE = "quarantine.csv"
+REPORT_FILE = "report.json"
+SPLIT_ORDER = ("meta_train", "meta_val", "meta_test", "train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -34,3 +49,84 @@ class SplitData:
     images: np.ndarray
     labels: np.ndarray
     class_names: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- reading
+def available(prepared_dir: str | Path) -> dict[str, list[str]]:
+    """Datasets in a prepared folder and their non-empty splits.
+
+    Args:
+        prepared_dir: the prepared folder (e.g. data/prepared).
+
+    Returns:
+        {dataset: [split, ...]} in canonical split order; {} when nothing is prepared.
+    """
+    root = Path(prepared_dir)
+    out: dict[str, list[str]] = {}
+    if not root.is_dir():
+        return out
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file()):
+        present = set(pd.read_parquet(d / MANIFEST_FILE, columns=["split"])["split"].unique())
+        out[d.name] = [s for s in SPLIT_ORDER if s in present]
+    return out
+
+
+def load_manifest(prepared_dir: str | Path, dataset: str, validate: bool = True) -> pd.DataFrame:
+    """Read one dataset's manifest.
+
+    Args:
+        prepared_dir: the prepared folder.
+        dataset: dataset name.
+        validate: re-check it against the schema (catches hand edits).
+
+    Returns:
+        The manifest (row i describes images.npy[i]).
+
+    Raises:
+        DataError: the dataset is not prepared (the message lists those that are), or it fails validation.
+    """
+    path = Path(prepared_dir) / dataset / MANIFEST_FILE
+    if not path.is_file():
+        have = sorted(available(prepared_dir))
+        raise DataError(f"{path}: dataset {dataset!r} is not prepared; prepared datasets: {have}. "
+                        "Add it to fetch.datasets (or prepare.image_folders) and run the prepare stage.")
+    df = pd.read_parquet(path)
+    if validate:
+        from metatransfer.data.schemas import validate_manifest  # here: schemas imports pandera (slow import)
+
+        df = validate_manifest(df, str(path))
+    return df
+
+
+def load_split(prepared_dir: str | Path, dataset: str, split: str) -> SplitData:
+    """Load one split of one dataset into memory.
+
+    Args:
+        prepared_dir: the prepared folder.
+        dataset: dataset name.
+        split: a split present in that dataset.
+
+    Returns:
+        SplitData with uint8 images (N, C, H, W) in memory and labels 0..C-1
+        in sorted class-name order.
+
+    Raises:
+        DataError: missing dataset or split (lists what exists), or images/manifest disagree.
+    """
+    df = load_manifest(prepared_dir, dataset, validate=False)
+    rows = df[df["split"] == split]
+    if rows.empty:
+        have = [s for s in SPLIT_ORDER if s in set(df["split"])]
+        raise DataError(f"{Path(prepared_dir) / dataset}: split {split!r} not found for dataset {dataset!r}; "
+                        f"available splits: {have}.")
+    path = Path(prepared_dir) / dataset / IMAGES_FILE
+    images = np.load(path, mmap_mode="r", allow_pickle=False)
+    if images.shape[0] != len(df):
+        raise DataError(f"{path}: holds {images.shape[0]} images but its manifest has {len(df)} rows; "
+                        "the prepared folder is damaged: run the prepare stage again.")
+    idx = rows["id"].to_numpy()
+    class_names = tuple(sorted(rows["class"].unique()))
+    lookup = {c: i for i, c in enumerate(class_names)}
+    labels = rows["class"].map(lookup).to_numpy(dtype=np.int64)
+    return SplitData(dataset=dataset, split=split, images=np.ascontiguousarray(images[idx]),
+                     labels=labels, class_names=class_names)

@@ -1,0 +1,72 @@
+"""Run DVC stages from Python (no Prefect here): the Prefect tasks call this so
+that the Prefect flow and `dvc repro` execute the same stage commands and leave
+the same dvc.lock (see README, "Two entry points, one state")."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def _stage_environment(parent_run_id: str | None) -> Iterator[None]:
+    """Environment of the stage subprocesses DVC starts.
+
+    This interpreter's bin dir goes first on PATH so stage commands
+    (`python -m ...`) run in the same environment even when it was not
+    activated; the MLflow parent run id lets stage runs attach to it.
+    """
+    from metatransfer.tracking import PARENT_ENV
+
+    saved = {k: os.environ.get(k) for k in ("PATH", PARENT_ENV)}
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved["PATH"] or ""])
+    if parent_run_id:
+        os.environ[PARENT_ENV] = parent_run_id
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def reproduce_stage(
+    stage: str, root: str | Path = ".", force: bool = False, parent_run_id: str | None = None
+) -> list[str]:
+    """Reproduce one DVC stage (only if its deps, params or outs changed).
+
+    Args:
+        stage: stage name in dvc.yaml (e.g. "prepare").
+        root: the project root (holds dvc.yaml).
+        force: run even if nothing changed.
+        parent_run_id: MLflow run the stage's run becomes a child of.
+
+    Returns:
+        Names of the stages that actually ran (empty when DVC skipped it).
+    """
+    from dvc.repo import Repo
+
+    with _stage_environment(parent_run_id), Repo(str(root)) as repo:
+        ran = repo.reproduce(targets=[stage], single_item=True, force=force)
+    return [s.addressing for s in ran]
+
+
+def pipeline_status(root: str | Path = ".") -> dict:
+    """`dvc status` as a mapping: {} when every stage is up to date."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return dict(repo.status())
+
+
+def lock_digest(root: str | Path = ".") -> str:
+    """SHA-256 of dvc.lock (a compact id of the data + code state), or "" when absent."""
+    import hashlib
+
+    path = Path(root) / "dvc.lock"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""

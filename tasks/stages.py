@@ -1,0 +1,51 @@
+"""One Prefect task per pipeline stage: each reproduces the DVC stage of the same
+name, so a Prefect run and `dvc repro` run the same code and leave the same
+dvc.lock. Retries only where I/O can fail transiently (fetch)."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from metatransfer import dvc_stages
+
+
+@task(name="fetch", retries=2, retry_delay_seconds=10)
+def fetch(root: str, parent_run_id: str | None = None) -> list[str]:
+    """Raw files into data/raw (download or mirror copy, checksums verified)."""
+    return dvc_stages.reproduce_stage("fetch", root, parent_run_id=parent_run_id)
+
+
+@task(name="prepare")
+def prepare(root: str, parent_run_id: str | None = None) -> list[str]:
+    """Decode, convert, validate, write the prepared store."""
+    return dvc_stages.reproduce_stage("prepare", root, parent_run_id=parent_run_id)
+
+
+@task(name="episodes")
+def episodes(root: str, parent_run_id: str | None = None) -> list[str]:
+    """Fixed evaluation episode files."""
+    return dvc_stages.reproduce_stage("episodes", root, parent_run_id=parent_run_id)
+
+
+@task(name="meta_train")
+def meta_train(root: str, parent_run_id: str | None = None) -> list[str]:
+    """Meta-train every configured algorithm."""
+    return dvc_stages.reproduce_stage("meta_train", root, parent_run_id=parent_run_id)
+
+
+@task(name="finetune")
+def finetune(root: str, parent_run_id: str | None = None) -> list[str]:
+    """Fine-tune target models from φ and choose the one to ship."""
+    return dvc_stages.reproduce_stage("finetune", root, parent_run_id=parent_run_id)
+
+
+@task(name="evaluate")
+def evaluate(root: str, parent_run_id: str | None = None) -> list[str]:
+    """Score every method on the fixed episodes; write metrics, plots, report."""
+    return dvc_stages.reproduce_stage("evaluate", root, parent_run_id=parent_run_id)
+
+
+@task(name="dvc_status")
+def dvc_status(root: str) -> dict:
+    """`dvc status`: {} when the workspace matches dvc.lock."""
+    return dvc_stages.pipeline_status(root)

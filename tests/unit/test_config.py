@@ -1,0 +1,114 @@
+"""params.yaml validation: unknown keys, wrong types and out-of-range values are
+errors that name the key, what was expected and what was found."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metatransfer.config import Params, flatten, load_params, params_from_mapping
+from metatransfer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_project_params_load_typed(raw: dict) -> None:
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p, Params)
+    assert p.prepare.image_size == 28 and p.prepare.channels == 1
+    assert isinstance(p.fetch.datasets, tuple) and "omniglot" in p.fetch.datasets
+
+
+def test_unknown_top_level_key_is_named(raw: dict) -> None:
+    raw["trian"] = {}
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['trian'\]; valid keys: \[.*'prepare'"):
+        params_from_mapping(raw)
+
+
+def test_unknown_nested_key_names_its_path(raw: dict) -> None:
+    raw["prepare"]["imgsize"] = 28
+    with pytest.raises(ConfigError, match=r"prepare: unknown key\(s\) \['imgsize'\]"):
+        params_from_mapping(raw)
+
+
+def test_wrong_type_names_key_expected_and_found(raw: dict) -> None:
+    raw["prepare"]["image_size"] = "28"
+    with pytest.raises(ConfigError) as err:
+        params_from_mapping(raw)
+    msg = str(err.value)
+    assert "prepare.image_size" in msg and "expected an integer" in msg and "'28'" in msg
+
+
+def test_bool_is_not_an_int(raw: dict) -> None:
+    raw["seed"] = True
+    with pytest.raises(ConfigError, match=r"seed: expected an integer, found bool"):
+        params_from_mapping(raw)
+
+
+def test_missing_key_is_named(raw: dict) -> None:
+    del raw["prepare"]["channels"]
+    with pytest.raises(ConfigError, match=r"prepare.channels: missing required key"):
+        params_from_mapping(raw)
+
+
+def test_out_of_range_value(raw: dict) -> None:
+    raw["prepare"]["channels"] = 2
+    with pytest.raises(ConfigError, match=r"prepare.channels: must be 1 or 3, found 2"):
+        params_from_mapping(raw)
+
+
+def test_bad_protocol_lists_allowed(raw: dict) -> None:
+    raw["prepare"]["omniglot_protocol"] = "lake"
+    with pytest.raises(ConfigError, match=r"background_evaluation.*vinyals.*'lake'"):
+        params_from_mapping(raw)
+
+
+def test_list_type_checked_per_item(raw: dict) -> None:
+    raw["fetch"]["datasets"] = ["omniglot", 3]
+    with pytest.raises(ConfigError, match=r"fetch.datasets\[1\]: expected str"):
+        params_from_mapping(raw)
+
+
+def test_image_folder_fractions_validated(raw: dict) -> None:
+    raw["prepare"]["image_folders"] = {
+        "mine": {"path": "x", "role": "target", "split_fractions": [0.5, 0.5, 0.5]}
+    }
+    with pytest.raises(ConfigError, match=r"image_folders.mine.split_fractions: must be three"):
+        params_from_mapping(raw)
+
+
+def test_error_message_names_the_file(tmp_path: Path, raw: dict) -> None:
+    bad = copy.deepcopy(raw)
+    bad["prepare"]["channels"] = "grey"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match=rf"^{path}: prepare.channels"):
+        load_params(path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "p.yaml").write_text("seed: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_params_are_frozen(raw: dict) -> None:
+    p = params_from_mapping(raw)
+    with pytest.raises(AttributeError):
+        p.seed = 3  # type: ignore[misc]
+
+
+def test_flatten_gives_dotted_keys(raw: dict) -> None:
+    flat = flatten(params_from_mapping(raw))
+    assert flat["prepare.image_size"] == 28
+    assert flat["data.prepared_dir"] == "data/prepared"
