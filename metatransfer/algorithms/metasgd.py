@@ -1,0 +1,139 @@
+"""Meta-SGD (Li, Zhou, Chen & Li, 2017, "Meta-SGD: Learning to Learn Quickly
+for Few-Shot Learning").
+
+MAML with a learned, element-wise inner step size α of the same shape as every
+parameter: both the initialisation θ and α are meta-learned,
+
+    φ_t = θ − α ∘ ∇θ L_support_t(θ)
+    (θ, α) ← outer step on mean_t L_query_t(φ_t)
+
+α may take any sign, so it also learns the update direction. The paper adapts
+with a single inner step in training and at test time, and initialises α
+uniformly at random in [0.005, 0.1] (its regression set-up); both are the
+defaults here. BatchNorm uses per-batch statistics (see `_inner.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from metatransfer.algorithms import _inner
+from metatransfer.algorithms.base import Hparams, Predictor
+from metatransfer.algorithms.maml import MAML
+from metatransfer.errors import ConfigError
+from metatransfer.models import BackboneSpec
+
+
+@dataclass(frozen=True)
+class MetaSGDHparams(Hparams):
+    """Meta-SGD's hyper-parameters (Li et al. 2017).
+
+    Attributes:
+        lr_init_low, lr_init_high: α starts uniform in [low, high], element-wise.
+        inner_steps: inner steps per task during meta-training (all with α).
+        eval_inner_steps: inner steps in `adapt`.
+        first_order: treat inner gradients as constants (α still gets gradients).
+    """
+
+    lr_init_low: float = 0.005
+    lr_init_high: float = 0.1
+    inner_steps: int = 1
+    eval_inner_steps: int = 1
+    first_order: bool = False
+
+
+def lr_key(name: str) -> str:
+    """The `MetaSGD.lrs` key of the step size of parameter `name` of `MetaSGD.model`."""
+    # ParameterDict keys may not contain "."; "__" never occurs in module names here.
+    return name.replace(".", "__")
+
+
+class MetaSGD(MAML):
+    """MAML with meta-learned per-parameter inner step sizes in `self.lrs`.
+
+    Args:
+        backbone: backbone spec.
+        n_way: head size for meta-training episodes.
+        hparams: `MetaSGDHparams`.
+        num_classes: unused.
+
+    Raises:
+        ConfigError: lr_init_low > lr_init_high.
+    """
+
+    name = "metasgd"
+    hparams_class = MetaSGDHparams
+    hparams: MetaSGDHparams  # type: ignore[assignment]
+
+    def __init__(
+        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
+    ) -> None:
+        super().__init__(backbone, n_way, hparams, num_classes)
+        low, high = self.hparams.lr_init_low, self.hparams.lr_init_high
+        if low > high:
+            raise ConfigError(
+                f"meta_train.hparams.metasgd: lr_init_low ({low}) must be <= "
+                f"lr_init_high ({high}); swap them"
+            )
+        self.lrs = nn.ParameterDict(
+            {
+                lr_key(name): nn.Parameter(torch.empty_like(p).uniform_(low, high))
+                for name, p in self.model.named_parameters()
+            }
+        )
+
+    def step_sizes(self) -> dict[str, torch.Tensor]:
+        """The learned α by parameter name of `self.model` (live parameters)."""
+        return {name: self.lrs[lr_key(name)] for name, _ in self.model.named_parameters()}
+
+    def _task_fast_weights(
+        self, params: _inner.Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> _inner.Params:
+        return _inner.adapt_sgd(
+            self.model,
+            params,
+            support_x,
+            support_y,
+            steps=self.hparams.inner_steps,
+            lr=self.step_sizes(),
+            create_graph=not self.hparams.first_order,
+        )
+
+    def adapt(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        n_way: int,
+        unlabeled_x: torch.Tensor | None = None,
+    ) -> Predictor:
+        """Fine-tune a copy of θ with `eval_inner_steps` steps of size α.
+
+        With a different `n_way` than `self.n_way` the head starts at zero (see
+        `_inner.working_copy`) and its step size is the mean of the learned α of
+        θ's head weight (resp. bias), since the learned tensors do not fit the
+        new shape. θ and α are not modified.
+
+        Args:
+            support_x, support_y: the labelled support set (labels 0..n_way-1).
+            n_way: number of classes.
+            unlabeled_x: ignored.
+
+        Returns:
+            A frozen classifier (images → logits) holding the adapted weights.
+        """
+        work = _inner.working_copy(self.model, n_way)
+        lrs = {k: v.detach().clone() for k, v in self.step_sizes().items()}
+        if n_way != self.n_way:
+            for name in ("head.weight", "head.bias"):
+                lrs[name] = lrs[name].mean()
+        with torch.enable_grad():
+            fast = _inner.detached(_inner.parameters_of(work))
+            x, y = support_x.to(self.device), support_y.to(self.device)
+            for _ in range(self.hparams.eval_inner_steps):
+                fast = _inner.detached(
+                    _inner.adapt_sgd(work, fast, x, y, steps=1, lr=lrs, create_graph=False)
+                )
+        return _inner.freeze_with(work, fast)

@@ -1,0 +1,271 @@
+"""Reptile (Nichol, Achiam & Schulman, 2018, "On First-Order Meta-Learning
+Algorithms").
+
+For each task, train a copy φ_t of θ for a few steps on the support set, then
+move θ towards the mean adapted weights:
+
+    φ_t = inner optimiser run for k steps from θ on support_t
+    θ  ← θ + ε (mean_t φ_t − θ)
+
+No gradient flows through the inner loop. To fit the shared trainer (which
+steps the outer optimiser itself), `meta_learn` sets every θ's
+`.grad = θ − mean_t φ_t`: an outer *SGD* step with learning rate ε is then
+exactly the update above. `outer_optimizer(lr)` (used by the trainer when an
+algorithm has one) gives that SGD when `outer_step_size` ε > 0 (the paper uses
+ε = 1 for batched Reptile, linearly annealed to 0, which is not done here);
+with the default ε = 0 it gives Adam at the trainer's `meta_train.meta_lr`,
+the common "Reptile gradient into Adam" variant, which works with the small
+meta learning rate shared by the other algorithms.
+
+Inner optimiser: the paper's code uses Adam with β1 = 0 (β2 = 0.999,
+eps = 1e-8) at learning rate 1e-3, the default here (`inner_optimizer="adam"`);
+its moment estimate restarts at zero for every task (the reference code kept
+it across tasks, a side effect of its variable handling). `"sgd"` gives
+plain SGD, whose update is easy to check by hand. Each inner step uses a
+mini-batch of `inner_batch` support examples drawn without replacement from a
+reshuffled cycle (the paper's `inner batch`; 0, or a value >= the support
+size, means full batch). Defaults are the paper's Omniglot settings (5 inner
+steps of batch 10 in training, 50 steps at evaluation; the paper's evaluation
+batch of 5 is not separate here: one `inner_batch` serves both).
+
+`meta_learn` reports the query loss and accuracy of each adapted φ_t on its
+query set (computed without gradient; Reptile does not use the queries).
+BatchNorm uses per-batch statistics (see `_inner.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from metatransfer.algorithms import _inner
+from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
+from metatransfer.episodes import Episode
+from metatransfer.errors import ConfigError
+from metatransfer.models import BackboneSpec
+
+INNER_OPTIMIZERS = ("adam", "sgd")
+ADAM_BETA2 = 0.999
+ADAM_EPS = 1e-8
+# adapt() draws its mini-batches from its own generator so that the predictor
+# is a function of (θ, support set) only, whatever the global RNG state.
+ADAPT_SEED = 0
+
+
+@dataclass(frozen=True)
+class ReptileHparams(Hparams):
+    """Reptile's hyper-parameters (Nichol et al. 2018, Omniglot defaults).
+
+    Attributes:
+        inner_lr: inner optimiser learning rate.
+        inner_optimizer: "adam" (β1 = 0, as the paper's code) or "sgd".
+        inner_steps: inner steps per task during meta-training.
+        eval_inner_steps: inner steps in `adapt`.
+        inner_batch: support examples per inner step (0 = full batch).
+        outer_step_size: ε of the outer SGD step θ ← θ + ε(φ̄ − θ); 0 uses Adam
+            at `meta_train.meta_lr` instead (see `Reptile.outer_optimizer`).
+    """
+
+    inner_lr: float = 1e-3
+    inner_optimizer: str = "adam"
+    inner_steps: int = 5
+    eval_inner_steps: int = 50
+    inner_batch: int = 10
+    outer_step_size: float = 0.0
+
+
+def _batches(
+    n: int, batch: int, steps: int, generator: torch.Generator | None
+) -> list[torch.Tensor]:
+    """Index batches for `steps` inner steps: a reshuffled cycle over n items."""
+    if batch <= 0 or batch >= n:
+        return [torch.arange(n)] * steps
+    out: list[torch.Tensor] = []
+    order = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(order) < batch:
+            # Top up with a fresh permutation; the leftovers go first so every
+            # example is seen before any is repeated.
+            order = torch.cat([order, torch.randperm(n, generator=generator)])
+        out.append(order[:batch])
+        order = order[batch:]
+    return out
+
+
+def inner_train(
+    model: torch.nn.Module,
+    start: _inner.Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    batch: int,
+    generator: torch.Generator | None = None,
+) -> _inner.Params:
+    """Train a copy of `start` on (x, y) and return the final weights (no graph to `start`).
+
+    Args:
+        model: module giving the structure.
+        start: starting weights by name (not modified).
+        x, y: the support set.
+        steps: optimiser steps.
+        lr: learning rate.
+        optimizer: "sgd" (φ ← φ − lr·g) or "adam" with β1 = 0
+            (φ ← φ − lr·g/(√v̂ + ε), v ← β2·v + (1 − β2)·g², v̂ = v/(1 − β2^t),
+            v starting at zero for every call).
+        batch: examples per step (0 = full batch).
+        generator: RNG for the mini-batch order (None = torch's global RNG).
+
+    Returns:
+        The adapted weights φ (detached tensors).
+    """
+    fast = _inner.detached(start)
+    names = list(fast)
+    second_moment = {n: torch.zeros_like(p) for n, p in fast.items()}
+    with torch.enable_grad():
+        for t, idx in enumerate(_batches(len(y), batch, steps, generator), start=1):
+            idx = idx.to(y.device)
+            loss, _ = _inner.loss_and_logits(model, fast, x[idx], y[idx])
+            grads = torch.autograd.grad(loss, [fast[n] for n in names])
+            with torch.no_grad():
+                for name, g in zip(names, grads, strict=True):
+                    if optimizer == "adam":
+                        v = second_moment[name].mul_(ADAM_BETA2)
+                        v.addcmul_(g, g, value=1 - ADAM_BETA2)
+                        v_hat = v / (1 - ADAM_BETA2**t)
+                        fast[name] -= lr * g / (v_hat.sqrt() + ADAM_EPS)
+                    else:
+                        fast[name] -= lr * g
+    return {k: v.detach() for k, v in fast.items()}
+
+
+class Reptile(_inner.GradientLearner):
+    """Reptile with a Conv-4 (or other) backbone and a linear head.
+
+    Args:
+        backbone: backbone spec.
+        n_way: head size for meta-training episodes.
+        hparams: `ReptileHparams`.
+        num_classes: unused.
+
+    Raises:
+        ConfigError: unknown inner optimiser, or inner_batch of 1 (per-batch
+            BatchNorm needs at least two examples) or below 0.
+    """
+
+    name = "reptile"
+    hparams_class = ReptileHparams
+    hparams: ReptileHparams
+
+    def __init__(
+        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
+    ) -> None:
+        super().__init__(backbone, n_way, hparams, num_classes)
+        where = "meta_train.hparams.reptile"
+        if self.hparams.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ConfigError(
+                f"{where}.inner_optimizer: expected one of {list(INNER_OPTIMIZERS)}, "
+                f"found {self.hparams.inner_optimizer!r}"
+            )
+        if self.hparams.inner_batch == 1 or self.hparams.inner_batch < 0:
+            raise ConfigError(
+                f"{where}.inner_batch: expected 0 (full batch) or >= 2 (BatchNorm uses "
+                f"batch statistics), found {self.hparams.inner_batch}"
+            )
+        if self.hparams.outer_step_size < 0:
+            raise ConfigError(
+                f"{where}.outer_step_size: expected >= 0 (0 = Adam at meta_train.meta_lr), "
+                f"found {self.hparams.outer_step_size}"
+            )
+
+    def outer_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The optimiser the trainer steps with the `.grad = θ − φ̄` set by `meta_learn`.
+
+        Args:
+            lr: the trainer's `meta_train.meta_lr`.
+
+        Returns:
+            SGD with learning rate `outer_step_size` when that is > 0 (so a step
+            is exactly θ ← θ + ε(φ̄ − θ)), else Adam with learning rate `lr`.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.outer_step_size > 0:
+            return torch.optim.SGD(params, lr=self.hparams.outer_step_size)
+        return torch.optim.Adam(params, lr=lr)
+
+    def _train_task(
+        self,
+        start: _inner.Params,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int,
+        generator: torch.Generator | None,
+    ) -> _inner.Params:
+        hp = self.hparams
+        return inner_train(
+            self.model, start, x, y, steps,
+            lr=hp.inner_lr, optimizer=hp.inner_optimizer, batch=hp.inner_batch, generator=generator,
+        )
+
+    def meta_learn(self, episodes: Sequence[Episode]) -> StepResult:
+        """Set `.grad = θ − mean_t φ_t` for every parameter (see the module docstring).
+
+        Args:
+            episodes: the meta-batch; every episode must be `self.n_way`-way.
+
+        Returns:
+            Mean query loss and accuracy of the adapted φ_t (no gradient from them).
+        """
+        _inner.check_episodes(episodes, self.n_way, self.name)
+        theta = _inner.parameters_of(self.model)
+        phi_sum = {k: torch.zeros_like(v) for k, v in theta.items()}
+        n_tasks = len(episodes)
+        total_loss = total_acc = 0.0
+        for ep in episodes:
+            sx, sy, qx, qy = _inner.episode_tensors(ep, self.device)
+            phi = self._train_task(theta, sx, sy, self.hparams.inner_steps, None)
+            with torch.no_grad():
+                loss, logits = _inner.loss_and_logits(self.model, phi, qx, qy)
+                for k, v in phi.items():
+                    phi_sum[k] += v
+            total_loss += loss.item()
+            total_acc += episode_accuracy(logits, qy)
+        with torch.no_grad():
+            for k, p in theta.items():
+                p.grad = p.detach() - phi_sum[k] / n_tasks
+        return StepResult(loss=total_loss / n_tasks, acc=total_acc / n_tasks)
+
+    def adapt(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        n_way: int,
+        unlabeled_x: torch.Tensor | None = None,
+    ) -> Predictor:
+        """Train a copy of θ for `eval_inner_steps` inner-optimiser steps on the support set.
+
+        A different `n_way` than `self.n_way` starts from a zero head (see
+        `_inner.working_copy`). Mini-batches come from a fixed-seed generator, so
+        the result does not depend on the global RNG. θ is not modified.
+
+        Args:
+            support_x, support_y: the labelled support set (labels 0..n_way-1).
+            n_way: number of classes.
+            unlabeled_x: ignored.
+
+        Returns:
+            A frozen classifier (images → logits) holding the adapted weights.
+        """
+        work = _inner.working_copy(self.model, n_way)
+        generator = torch.Generator().manual_seed(ADAPT_SEED)
+        phi = self._train_task(
+            _inner.parameters_of(work),
+            support_x.to(self.device),
+            support_y.to(self.device),
+            self.hparams.eval_inner_steps,
+            generator,
+        )
+        return _inner.freeze_with(work, phi)

@@ -1,0 +1,158 @@
+"""Scratch: train a randomly initialised network on the support set alone.
+
+The lower bound every transfer method must beat: no source data is used.
+It is the "training from scratch" reference of the transfer-learning
+literature (e.g. Yosinski, Clune, Bengio & Lipson (2014), "How transferable
+are features in deep neural networks?", NeurIPS 2014,
+https://arxiv.org/abs/1411.1792; Chen et al. (2019), "A Closer Look at
+Few-shot Classification", ICLR 2019, https://arxiv.org/abs/1904.04232).
+
+`adapt` builds a fresh backbone + linear head from `hparams.seed` (the same
+initialisation for every task, independent of the global RNG), trains it
+full-batch on the support set with Adam for `hparams.steps` steps
+(BatchNorm on the support batch's statistics), then recomputes the
+BatchNorm running statistics on the support set with the final weights, so
+predictions in eval mode use the statistics the network was trained with
+rather than a lagged running average.
+
+Meta-training does nothing: `meta_learn` leaves every `.grad` as the
+trainer set it (None after `zero_grad()`), so the outer optimizer step is a
+no-op (torch optimizers skip parameters without a gradient), and reports
+the query loss and accuracy of the untrained initialisation θ (in eval
+mode, without gradients: about log N and 1/N), which is what Scratch
+starts every task from. A trainer may skip meta-training it altogether.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metatransfer.algorithms import _finetune, _metric
+from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor, StepResult, episode_accuracy
+from metatransfer.algorithms.baseline import require_hparam
+from metatransfer.episodes import Episode
+from metatransfer.errors import EpisodeError
+from metatransfer.models import BackboneSpec, build_backbone
+
+
+@dataclass(frozen=True)
+class ScratchHparams(Hparams):
+    """Training from scratch on the support set.
+
+    Attributes:
+        steps: full-batch Adam steps on the support set.
+        lr: Adam learning rate.
+        weight_decay: Adam's L2 penalty.
+        seed: seeds the initialisation (the same for every task).
+    """
+
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+class Scratch(MetaLearner):
+    """A fresh network per task, trained on its support set only (see module docstring).
+
+    Attributes:
+        model: θ, the initialisation for `n_way` classes (never trained).
+    """
+
+    name: ClassVar[str] = "scratch"
+    hparams_class: ClassVar[type[Hparams]] = ScratchHparams
+    track_running_stats: ClassVar[bool] = True
+    transductive: ClassVar[bool] = False
+
+    def __init__(
+        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
+    ) -> None:
+        _metric.check_hparams(hparams, ScratchHparams, self.name)
+        super().__init__(backbone, n_way, hparams, num_classes)
+        require_hparam(hparams.steps >= 0, self.name, "steps", ">= 0", hparams.steps)
+        require_hparam(hparams.lr > 0, self.name, "lr", "> 0", hparams.lr)
+        require_hparam(hparams.weight_decay >= 0, self.name, "weight_decay", ">= 0", hparams.weight_decay)
+        # θ exists so that the learner has parameters to save and an optimizer
+        # to build; it equals initial_model(n_way) at construction.
+        self.model = self.initial_model(n_way)
+
+    def initial_model(self, n_way: int) -> _finetune.FeatureClassifier:
+        """The seeded initialisation (backbone + linear `n_way` head) every task starts from.
+
+        Args:
+            n_way: number of classes of the head.
+
+        Returns:
+            A new `FeatureClassifier` on CPU in eval mode; the backbone is the
+            same for every `n_way` (it is built first from the same seed).
+        """
+        with _finetune.seeded(self.hparams.seed):
+            backbone = build_backbone(self.backbone_spec, track_running_stats=self.track_running_stats)
+            head = nn.Linear(backbone.out_dim, n_way)
+        return _finetune.FeatureClassifier(backbone, head)
+
+    def meta_learn(self, episodes: Sequence[Episode]) -> StepResult:
+        """Report the untrained initialisation's query loss and accuracy; fill no gradient.
+
+        Args:
+            episodes: the meta-batch (each with `n_way` equal to the learner's).
+
+        Returns:
+            Mean query loss and accuracy of θ (eval mode) over the episodes.
+
+        Raises:
+            EpisodeError: an episode whose n_way differs from the head's.
+        """
+        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
+        losses, accs = [], []
+        with _metric.eval_mode(self), torch.no_grad():
+            for i, ep in enumerate(episodes):
+                if ep.n_way != self.n_way:
+                    raise EpisodeError(
+                        f"scratch: episode {i} is {ep.n_way}-way but the learner was built for "
+                        f"n_way={self.n_way}; meta-train with episodes of that size"
+                    )
+                y = ep.query_y.to(device)
+                logits = self.model(ep.query_x.to(device=device, dtype=dtype))
+                losses.append(float(F.cross_entropy(logits, y)))
+                accs.append(episode_accuracy(logits, y))
+        if not losses:
+            raise EpisodeError("scratch: the meta-batch is empty; pass at least one Episode")
+        return StepResult(loss=sum(losses) / len(losses), acc=sum(accs) / len(accs))
+
+    def adapt(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        n_way: int,
+        unlabeled_x: torch.Tensor | None = None,
+    ) -> Predictor:
+        """Train the seeded initialisation on the support set (full batch, Adam).
+
+        Args:
+            support_x, support_y: the labelled support set (labels 0..n_way-1).
+            n_way: number of classes.
+            unlabeled_x: ignored (Scratch is inductive).
+
+        Returns:
+            A `FeatureClassifier` (eval mode, frozen); `fit_losses` holds the
+            support loss of every step (the first one: the untrained model's).
+        """
+        _metric.check_labels(support_y, n_way, f"{self.name} adapt support_y")
+        hp = self.hparams
+        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
+        x = support_x.to(device=device, dtype=dtype)
+        y = support_y.to(device)
+        model = self.initial_model(n_way).to(device=device, dtype=dtype)
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        losses = _finetune.fit(model, x, y, optimizer, hp.steps, 0, hp.seed)
+        _finetune.reestimate_batchnorm(model.backbone, x)
+        model.fit_losses = losses
+        return _finetune.freeze(model)
