@@ -284,7 +284,7 @@ def _check_ranges(p: Params) -> None:
         for name in m.algorithms:
             need(name in REGISTRY, "meta_train.algorithms", f"unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
         for name, hp in m.hparams.items():
-            need(name in m.algorithms, f"meta_train.hparams.{name}", f"{name!r} is not in meta_train.algorithms {list(m.algorithms)}")
+            need(name in REGISTRY, f"meta_train.hparams.{name}", f"unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
             algorithm_class(name).hparams_class.from_mapping(hp, f"meta_train.hparams.{name}")
     if p.finetune is not None:
         f = p.finetune

@@ -40,3 +40,21 @@ def write_json(path: str | Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def run_stage(stage: str, argv: list[str] | None, body) -> int:
+    """Run a stage body `body(params, root)` as a command: 0 on success, 1 on an
+    error meant for people (logged with its message, no traceback), 2 when the
+    params file lacks the stage's section."""
+    from metatransfer.errors import MetatransferError
+
+    try:
+        params, root = setup(stage, argv)
+        if stage in ("episodes", "meta_train", "finetune", "evaluate") and getattr(params, stage) is None:
+            logging.getLogger(stage).error("params.yaml has no `%s` section; add it (see the README)", stage)
+            return 2
+        body(params, root)
+        return 0
+    except MetatransferError as exc:
+        logging.getLogger(stage).error("%s", exc)
+        return 1

@@ -13,39 +13,44 @@ import sys
 from pathlib import Path
 
 from metatransfer.data.sources import fetch, resolve_mirror
-from metatransfer.errors import MetatransferError
 
 log = logging.getLogger(__name__)
+
+
+def run(params, root: Path) -> dict[str, list[str]]:
+    """Fetch every dataset of `fetch.datasets`; logs the files to an MLflow `fetch` run.
+
+    Returns:
+        {dataset: [file names]}.
+    """
+    from metatransfer import tracking
+    from metatransfer.config import flatten
+
+    mirror = resolve_mirror(params.data.mirror, root)
+    raw_dir = root / params.data.raw_dir
+    log.info("fetching %s into %s from %s", list(params.fetch.datasets), raw_dir,
+             mirror if mirror else "the official URLs")
+    fetched: dict[str, list[str]] = {}
+    with tracking.stage_run("fetch", root, flatten(params)):
+        for name in params.fetch.datasets:
+            paths = fetch(name, raw_dir, mirror)
+            fetched[name] = [p.name for p in paths]
+            log.info("%s: %d file(s) ready: %s", name, len(paths), ", ".join(p.name for p in paths))
+        tracking.log_dict({"mirror": str(mirror or ""), "files": fetched}, "fetch/files.json")
+        tracking.log_metrics({"fetch/files": sum(len(v) for v in fetched.values())})
+    log.info("fetch done: %d dataset(s), %d file(s)", len(fetched), sum(len(v) for v in fetched.values()))
+    return fetched
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry: `python -m metatransfer.stages.fetch [--params params.yaml]`.
 
-    Args:
-        argv: command-line arguments (default: sys.argv[1:]).
-
     Returns:
         0 on success, 1 on a data/config error (logged, no traceback).
     """
-    from metatransfer.stages.common import setup
+    from metatransfer.stages.common import run_stage
 
-    try:
-        params, _ = setup("fetch", argv)
-        root = Path.cwd()
-        mirror = resolve_mirror(params.data.mirror, root)
-        raw_dir = root / params.data.raw_dir
-        log.info("fetching %s into %s from %s", list(params.fetch.datasets), raw_dir,
-                 mirror if mirror else "the official URLs")
-        n = 0
-        for name in params.fetch.datasets:
-            paths = fetch(name, raw_dir, mirror)
-            n += len(paths)
-            log.info("%s: %d file(s) ready: %s", name, len(paths), ", ".join(p.name for p in paths))
-        log.info("fetch done: %d dataset(s), %d file(s)", len(params.fetch.datasets), n)
-        return 0
-    except MetatransferError as exc:
-        log.error("%s", exc)
-        return 1
+    return run_stage("fetch", argv, lambda params, root: run(params, Path.cwd()))
 
 
 if __name__ == "__main__":

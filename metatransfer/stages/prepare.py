@@ -12,40 +12,51 @@ import sys
 from pathlib import Path
 
 from metatransfer.data.prepare import prepare
-from metatransfer.errors import MetatransferError
 
 log = logging.getLogger(__name__)
+
+
+def run(params, root: Path):
+    """Prepare every dataset; logs counts, the report and the quarantine list to MLflow.
+
+    Returns:
+        The PrepareReport.
+    """
+    from metatransfer import tracking
+    from metatransfer.config import flatten
+
+    datasets = tuple(params.fetch.datasets) + tuple(n for n in params.prepare.image_folders
+                                                    if n not in params.fetch.datasets)
+    out_dir = root / params.data.prepared_dir
+    with tracking.stage_run("prepare", root, flatten(params)):
+        tracking.log_dataset("raw", str(root / params.data.raw_dir), tracking.dvc_out_md5(root, "data/raw"), "prepare")
+        report = prepare(params.prepare, datasets, root / params.data.raw_dir, out_dir, params.seed, base_dir=root)
+        for name, d in report.datasets.items():
+            log.info("%s (%s): %d images, %d classes, splits %s, %d quarantined%s", name, d["role"], d["n_images"],
+                     d["n_classes"], {s: v["images"] for s, v in d["splits"].items()}, d["quarantined"],
+                     f", empty classes {d['empty_classes']}" if d["empty_classes"] else "")
+            tracking.log_metrics({f"prepare/{name}/images": d["n_images"], f"prepare/{name}/classes": d["n_classes"],
+                                  f"prepare/{name}/quarantined": d["quarantined"]})
+        tracking.log_metrics({"prepare/images": report.n_images, "prepare/seconds": report.seconds,
+                              "prepare/quarantined": report.quarantined})
+        for name in ("report.json", "quarantine.csv"):
+            if (out_dir / name).is_file():
+                tracking.log_artifact(out_dir / name, "prepare")
+    log.info("prepare done: %d images in %.1f s (%.0f images/s) -> %s; %d input(s) quarantined",
+             report.n_images, report.seconds, report.n_images / max(report.seconds, 1e-9), report.out_dir,
+             report.quarantined)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry: `python -m metatransfer.stages.prepare [--params params.yaml]`.
 
-    Args:
-        argv: command-line arguments (default: sys.argv[1:]).
-
     Returns:
         0 on success, 1 on a data/config error (logged, no traceback).
     """
-    from metatransfer.stages.common import setup
+    from metatransfer.stages.common import run_stage
 
-    try:
-        params, _ = setup("prepare", argv)
-        root = Path.cwd()
-        datasets = tuple(params.fetch.datasets) + tuple(n for n in params.prepare.image_folders
-                                                        if n not in params.fetch.datasets)
-        report = prepare(params.prepare, datasets, root / params.data.raw_dir, root / params.data.prepared_dir,
-                         params.seed, base_dir=root)
-        for name, d in report.datasets.items():
-            log.info("%s (%s): %d images, %d classes, splits %s, %d quarantined%s", name, d["role"], d["n_images"],
-                     d["n_classes"], {s: v["images"] for s, v in d["splits"].items()}, d["quarantined"],
-                     f", empty classes {d['empty_classes']}" if d["empty_classes"] else "")
-        log.info("prepare done: %d images in %.1f s (%.0f images/s) -> %s; %d input(s) quarantined",
-                 report.n_images, report.seconds, report.n_images / max(report.seconds, 1e-9), report.out_dir,
-                 report.quarantined)
-        return 0
-    except MetatransferError as exc:
-        log.error("%s", exc)
-        return 1
+    return run_stage("prepare", argv, lambda params, root: run(params, Path.cwd()))
 
 
 if __name__ == "__main__":

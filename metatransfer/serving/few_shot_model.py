@@ -1,0 +1,51 @@
+"""MLflow pyfunc model (models-from-code) that adapts a meta-learner on each request.
+
+Input (named tensors): `support_x` float32 (S, C, H, W) in [0, 1],
+`support_y` int64 (S,) labels 0..N-1, `query_x` float32 (Q, C, H, W).
+Output: a table with `prediction` per query and `prob_<i>` for i < N.
+New classes need no retraining: the support set defines them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+
+
+class FewShotPyfunc(PythonModel):
+    """Loads a meta-learner (safetensors) and runs its `adapt` per request."""
+
+    def load_context(self, context: Any) -> None:
+        from metatransfer.artifacts import load_learner
+
+        self.learner = load_learner(context.artifacts["learner"])
+        spec = self.learner.backbone_spec
+        self.channels, self.size = spec.in_channels, spec.image_size
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+        from metatransfer.serving.inputs import InputError, as_images, as_labels
+
+        if not isinstance(model_input, dict):
+            raise InputError("expected named inputs support_x, support_y, query_x")
+        missing = [k for k in ("support_x", "support_y", "query_x") if k not in model_input]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; expected support_x, support_y, query_x")
+        sx = as_images(model_input["support_x"], "support_x", self.channels, self.size)
+        sy, n_way = as_labels(model_input["support_y"], "support_y", len(sx))
+        qx = as_images(model_input["query_x"], "query_x", self.channels, self.size)
+        torch.manual_seed(0)  # learners with random heads answer the same request the same way
+        predictor = self.learner.adapt(sx, sy, n_way, unlabeled_x=qx if self.learner.transductive else None)
+        with torch.no_grad():
+            probs = torch.softmax(predictor(qx), dim=1).numpy().astype(np.float64)
+        out = pd.DataFrame({"prediction": probs.argmax(1).astype(np.int64)})
+        for i in range(probs.shape[1]):
+            out[f"prob_{i}"] = probs[:, i]
+        return out
+
+
+mlflow.models.set_model(FewShotPyfunc())

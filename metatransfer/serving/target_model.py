@@ -1,0 +1,44 @@
+"""MLflow pyfunc model (models-from-code) serving a fine-tuned target model.
+
+Input: float32 images (batch, C, H, W) in [0, 1]. Output: a table with
+`prediction` (class index), `label` (class name) and `prob_<i>` per class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+
+
+class TargetModelPyfunc(PythonModel):
+    """Loads the safetensors folder under the `model` artifact through the library."""
+
+    def load_context(self, context: Any) -> None:
+        from metatransfer.training.finetune import load_target_model
+
+        self.model = load_target_model(context.artifacts["model"])
+        spec = self.model.backbone_spec
+        self.channels, self.size = spec.in_channels, spec.image_size
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+        from metatransfer.serving.inputs import as_images
+
+        if isinstance(model_input, dict):
+            model_input = model_input.get("images", next(iter(model_input.values())))
+        x = as_images(model_input, "images", self.channels, self.size)
+        with torch.no_grad():
+            probs = torch.softmax(self.model(x), dim=1).numpy().astype(np.float64)
+        pred = probs.argmax(1)
+        out = pd.DataFrame({"prediction": pred.astype(np.int64),
+                            "label": [self.model.class_names[i] for i in pred]})
+        for i in range(probs.shape[1]):
+            out[f"prob_{i}"] = probs[:, i]
+        return out
+
+
+mlflow.models.set_model(TargetModelPyfunc())

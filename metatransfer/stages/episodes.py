@@ -1,0 +1,68 @@
+"""`episodes` stage: fixed evaluation episode files, so every method is compared
+on identical episodes (`data/episodes/<set>/<k>shot.npz`)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from metatransfer.config import EpisodesParams
+from metatransfer.data.store import load_split
+from metatransfer.episodes import build_fixed_episodes, save_fixed_episodes
+
+log = logging.getLogger(__name__)
+
+
+def episode_path(episodes_dir: str | Path, set_name: str, k_shot: int) -> Path:
+    """Where the fixed episodes of one set and shot count live."""
+    return Path(episodes_dir) / set_name / f"{k_shot}shot.npz"
+
+
+def build_episode_files(params: EpisodesParams, prepared_dir: Path, out_dir: Path, seed: int) -> list[Path]:
+    """Write every configured set x shot to `out_dir` (replaced atomically as a whole).
+
+    Each file's seed is derived from the global seed, the set name and the shot
+    count, so adding a set does not change the episodes of the others.
+    """
+    import zlib
+
+    tmp = Path(tempfile.mkdtemp(prefix=".episodes.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; the published folder should be readable
+    written = []
+    try:
+        for name, s in params.sets.items():
+            split = load_split(prepared_dir, s.dataset, s.split)
+            for k in s.shots:
+                set_seed = (seed * 1_000_003 + zlib.crc32(f"{name}/{k}".encode())) % (2**31)
+                fe = build_fixed_episodes(split, s.n_way, k, s.n_query, s.n_episodes, set_seed)
+                path = episode_path(tmp, name, k)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_fixed_episodes(fe, path)
+                written.append(episode_path(out_dir, name, k))
+                log.info("%s: %d episodes %d-way %d-shot %d-query from %s/%s", name, s.n_episodes, s.n_way, k, s.n_query, s.dataset, s.split)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry: `python -m metatransfer.stages.episodes [--params params.yaml]`."""
+    from metatransfer.stages.common import run_stage
+
+    def body(params, root: Path) -> None:
+        out = root / "data" / "episodes"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        files = build_episode_files(params.episodes, root / params.data.prepared_dir, out, params.seed)
+        log.info("wrote %d episode files under %s", len(files), out)
+
+    return run_stage("episodes", argv, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""`evaluate` stage: every method on the same fixed episodes (source meta-test and
+targets, each configured shot count): mean accuracy ± CI and paired
+differences against the reference method; the fine-tuned target models on the
+full target test split. Writes `metrics/evaluate.json`, `plots/evaluate/`,
+PNG figures and `reports/evaluate.md`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metatransfer.config import Params
+from metatransfer.data.store import load_split
+from metatransfer.episodes import load_fixed_episodes
+from metatransfer.evaluation.episodic import episode_accuracies
+from metatransfer.evaluation.stats import mean_ci, paired_difference
+from metatransfer.stages.episodes import episode_path
+from metatransfer.stages.finetune import load_method, to_float
+from metatransfer.training.finetune import load_target_model
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_episodes(params: Params, root: Path) -> dict[str, dict[str, dict[int, np.ndarray]]]:
+    """Per-episode accuracies: {set: {method: {shots: array}}}."""
+    assert params.episodes is not None and params.evaluate is not None
+    prepared = root / params.data.prepared_dir
+    learners = {m: load_method(m, params, root) for m in params.evaluate.methods}
+    out: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    for set_name, s in params.episodes.sets.items():
+        split = load_split(prepared, s.dataset, s.split)
+        out[set_name] = {m: {} for m in learners}
+        for k in s.shots:
+            fe = load_fixed_episodes(episode_path(root / "data" / "episodes", set_name, k))
+            episodes = [fe.materialise(i, split) for i in range(s.n_episodes)]
+            for method, learner in learners.items():
+                torch.manual_seed(params.seed)  # methods with random heads/inits are repeatable
+                out[set_name][method][k] = episode_accuracies(learner, episodes)
+                log.info("%s %d-shot %-12s %.2f%%", set_name, k, method, 100 * out[set_name][method][k].mean())
+    return out
+
+
+def summarise(accs: dict[str, dict[str, dict[int, np.ndarray]]], reference: str, confidence: float) -> dict[str, Any]:
+    """Mean ± CI per set/method/shot and paired differences against `reference`."""
+    table: dict[str, Any] = {}
+    for set_name, by_method in accs.items():
+        table[set_name] = {}
+        for method, by_shot in by_method.items():
+            table[set_name][method] = {}
+            for k, a in by_shot.items():
+                ci = mean_ci(a, confidence)
+                row = {"acc_mean": ci.mean, "acc_ci95": ci.ci, "episodes": ci.n}
+                if reference in by_method and method != reference:
+                    d = paired_difference(a, by_method[reference][k], confidence)
+                    row.update({"diff_vs_reference": d.mean, "diff_ci95": d.ci, "diff_significant": bool(d.excludes_zero())})
+                table[set_name][method][str(k)] = row
+    return table
+
+
+def evaluate_target_models(params: Params, root: Path, confidence: float) -> dict[str, Any]:
+    """Test accuracy (± CI over images) of every fine-tuned target model; marks the chosen one."""
+    import json
+
+    out: dict[str, Any] = {}
+    if params.finetune is None:
+        return out
+    prepared = root / params.data.prepared_dir
+    for target in params.finetune.targets:
+        test = load_split(prepared, target, "test")
+        x, y = to_float(test.images), torch.from_numpy(test.labels.astype(np.int64))
+        selection = json.loads((root / "models" / "target" / target / "selection.json").read_text())
+        out[target] = {"chosen": selection["chosen"], "reason": selection["reason"], "methods": {}}
+        for method in params.finetune.methods:
+            model = load_target_model(root / "models" / "target" / target / method)
+            with torch.no_grad():
+                pred = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+            correct = (pred == y).double().numpy()
+            ci = mean_ci(correct, confidence)
+            per_class = [float(correct[test.labels == c].mean()) for c in range(len(test.class_names))]
+            out[target]["methods"][method] = {"test_acc": ci.mean, "test_acc_ci95": ci.ci, "images": ci.n,
+                                              "balanced_acc": float(np.mean(per_class)),
+                                              "val_acc": selection["methods"][method]["val_acc"]}
+    return out
+
+
+def write_report(path: Path, table: dict[str, Any], targets: dict[str, Any], reference: str, params: Params) -> None:
+    """A markdown report: episode tables with CIs, paired differences, target models."""
+    lines = ["# metatransfer evaluation", ""]
+    lines.append(f"Mean accuracy (%) ± {int(params.evaluate.confidence * 100)} % CI over fixed episodes; "
+                 f"Δ = paired difference vs `{reference}` (* = CI excludes 0).")
+    for set_name, by_method in table.items():
+        s = params.episodes.sets[set_name]
+        shots = [str(k) for k in s.shots]
+        lines += ["", f"## {set_name}: {s.dataset}/{s.split}, {s.n_way}-way, {s.n_query} queries, {s.n_episodes} episodes", ""]
+        lines.append("| method | " + " | ".join(f"{k}-shot" for k in shots) + " |")
+        lines.append("|---|" + "---|" * len(shots))
+        for method, by_shot in by_method.items():
+            cells = []
+            for k in shots:
+                r = by_shot[k]
+                cell = f"{100 * r['acc_mean']:.2f} ± {100 * r['acc_ci95']:.2f}"
+                if "diff_vs_reference" in r:
+                    cell += f" (Δ {100 * r['diff_vs_reference']:+.2f}{'*' if r['diff_significant'] else ''})"
+                cells.append(cell)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for target, t in targets.items():
+        lines += ["", f"## Target models: {target} (full test split)", "",
+                  f"Shipped: **{t['chosen']}**, {t['reason']}.", "",
+                  "| method | val acc | test acc (%) ± CI | balanced acc |", "|---|---|---|---|"]
+        for method, r in t["methods"].items():
+            mark = " (shipped)" if method == t["chosen"] else ""
+            lines.append(f"| {method}{mark} | {100 * r['val_acc']:.2f} | {100 * r['test_acc']:.2f} ± {100 * r['test_acc_ci95']:.2f} | {100 * r['balanced_acc']:.2f} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(params: Params, root: Path) -> dict[str, Any]:
+    """The whole stage: evaluate, write metrics, plots, report; log to MLflow."""
+    from metatransfer import tracking
+    from metatransfer.config import flatten
+    from metatransfer.evaluation.plots import plot_accuracy_vs_shots, plot_paired_differences
+    from metatransfer.stages.common import write_json
+
+    ev = params.evaluate
+    assert ev is not None and params.episodes is not None
+    with tracking.stage_run("evaluate", root, flatten(params)):
+        accs = evaluate_episodes(params, root)
+        table = summarise(accs, ev.reference, ev.confidence)
+        targets = evaluate_target_models(params, root, ev.confidence)
+        metrics = {"episodes": table, "target_models": targets}
+        write_json(root / "metrics" / "evaluate.json", metrics)
+        for set_name, by_method in table.items():
+            rows = [{"method": m, "shots": int(k), "acc": r["acc_mean"], "ci95": r["acc_ci95"]}
+                    for m, by_shot in by_method.items() for k, r in by_shot.items()]
+            write_json(root / "plots" / "evaluate" / f"{set_name}.json", rows)
+            png = plot_accuracy_vs_shots({m: {int(k): (r["acc_mean"], r["acc_ci95"]) for k, r in bs.items()} for m, bs in by_method.items()},
+                                         f"{set_name}: accuracy vs shots", root / "plots" / "evaluate" / f"{set_name}_shots.png")
+            tracking.log_artifact(png, "plots")
+            last = str(max(int(k) for k in next(iter(by_method.values()))))
+            diffs = {m: (bs[last]["diff_vs_reference"], bs[last]["diff_ci95"]) for m, bs in by_method.items() if "diff_vs_reference" in bs[last]}
+            if diffs:
+                png = plot_paired_differences(diffs, ev.reference, f"{set_name}, {last}-shot", root / "plots" / "evaluate" / f"{set_name}_diff.png")
+                tracking.log_artifact(png, "plots")
+            for m, by_shot in by_method.items():
+                for k, r in by_shot.items():
+                    tracking.log_metrics({f"eval/{set_name}/{m}/{k}shot/acc_mean": r["acc_mean"],
+                                          f"eval/{set_name}/{m}/{k}shot/acc_ci95": r["acc_ci95"]})
+        for target, t in targets.items():
+            for m, r in t["methods"].items():
+                tracking.log_metrics({f"target/{target}/{m}/test_acc": r["test_acc"]})
+        report = root / "reports" / "evaluate.md"
+        write_report(report, table, targets, ev.reference, params)
+        tracking.log_artifact(report, "report")
+        tracking.log_dict(metrics, "metrics/evaluate.json")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry: `python -m metatransfer.stages.evaluate [--params params.yaml]`."""
+    from metatransfer.stages.common import run_stage
+
+    return run_stage("evaluate", argv, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""`finetune` stage: for each target, a target model per method initialised from
+its meta-learned φ, fine-tuned on the few labelled target images with early
+stopping on target validation data; the method to ship is chosen on target
+validation accuracy (or forced by a param) and the choice is recorded with
+its evidence. Writes `models/target/<target>/<method>/`,
+`models/target/<target>/selection.json` and `metrics/finetune.json`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from metatransfer.algorithms import build_algorithm
+from metatransfer.algorithms.base import MetaLearner
+from metatransfer.artifacts import load_learner
+from metatransfer.config import FinetuneParams, Params
+from metatransfer.data.store import SplitData, load_split
+from metatransfer.stages.meta_train import backbone_spec
+from metatransfer.training.finetune import FinetuneResult, FinetuneSettings, finetune, select_method
+
+log = logging.getLogger(__name__)
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, C, H, W) → float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+
+
+def per_class_subset(split: SplitData, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` images of every class (all of a class when it has fewer), seeded.
+
+    Returns float images and int64 labels.
+    """
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in range(len(split.class_names)):
+        members = np.flatnonzero(split.labels == c)
+        take = members if per_class <= 0 or len(members) <= per_class else rng.choice(members, per_class, replace=False)
+        idx.append(np.sort(take))
+    sel = np.concatenate(idx)
+    return to_float(split.images[sel]), torch.from_numpy(split.labels[sel].astype(np.int64))
+
+
+def load_method(method: str, params: Params, root: Path) -> MetaLearner:
+    """The meta-trained learner of `method`, or a fresh seeded one for "scratch"."""
+    if method == "scratch":
+        torch.manual_seed(params.seed)
+        m = params.meta_train
+        return build_algorithm("scratch", backbone_spec(params), m.n_way if m else 5,
+                               (m.hparams.get("scratch") if m else None))
+    return load_learner(root / "models" / "meta" / method)
+
+
+def finetune_target(
+    target: str, params: Params, root: Path, sink_factory=None
+) -> tuple[dict[str, FinetuneResult], str, str]:
+    """Fine-tune every configured method on one target; returns (results, chosen, reason)."""
+    f: FinetuneParams = params.finetune  # type: ignore[assignment]
+    prepared = root / params.data.prepared_dir
+    train = load_split(prepared, target, "train")
+    val = load_split(prepared, target, "val")
+    train_x, train_y = per_class_subset(train, f.shots_per_class, params.seed)
+    val_x, val_y = per_class_subset(val, f.val_per_class, params.seed + 1)
+    settings = FinetuneSettings(f.steps, f.lr, f.batch_size, f.train_layers, f.eval_every, f.patience)
+    results: dict[str, FinetuneResult] = {}
+    for method in f.methods:
+        learner = load_method(method, params, root)
+        sink = sink_factory(method) if sink_factory else None
+        results[method] = finetune(learner, train_x, train_y, val_x, val_y, list(train.class_names), settings, params.seed, sink)
+        log.info("%s/%s: val acc %.4f (best step %d of %d)", target, method, results[method].val_acc,
+                 results[method].best_step, results[method].steps_done)
+    chosen, reason = select_method({m: r.val_acc for m, r in results.items()}, f.force_method)
+    return results, chosen, reason
+
+
+def run(params: Params, root: Path) -> dict[str, Any]:
+    """Fine-tune, save target models and the selection, log to MLflow."""
+    from metatransfer import tracking
+    from metatransfer.config import flatten
+    from metatransfer.evaluation.plots import plot_curves
+    from metatransfer.stages.common import write_json
+    from metatransfer.training.finetune import save_target_model
+
+    f = params.finetune
+    assert f is not None
+    summary: dict[str, Any] = {}
+    out = root / "models" / "target"
+    with tracking.stage_run("finetune", root, flatten(params)):
+        for target in f.targets:
+            tracking.log_dataset(f"{target}/train", str(root / params.data.prepared_dir / target), tracking.dvc_out_md5(root, "data/prepared"), "finetune")
+
+            def sink_factory(method: str, target: str = target):
+                def sink(name: str, value: float, step: int) -> None:
+                    import mlflow
+
+                    mlflow.log_metric(f"{target}/{method}/{name}", float(value), step=step)
+                return sink
+
+            results, chosen, reason = finetune_target(target, params, root, sink_factory)
+            entry: dict[str, Any] = {"chosen": chosen, "reason": reason, "methods": {}}
+            for method, r in results.items():
+                sums = save_target_model(r.model, out / target / method, extra={"val_acc": r.val_acc, "best_step": r.best_step})
+                entry["methods"][method] = {"val_acc": r.val_acc, "best_step": r.best_step, "steps": r.steps_done,
+                                            "weights_sha256": sums["model.safetensors"]}
+                tracking.log_metrics({f"{target}/{method}/val_acc": r.val_acc})
+            n_classes = len(results[chosen].model.class_names)
+            entry["model_uri"] = tracking.log_target_model(
+                out / target / chosen, params.prepare.channels, params.prepare.image_size, n_classes,
+                name=f"target_{target}")
+            write_json(out / target / "selection.json", entry)
+            tracking.log_dict(entry, f"selection/{target}.json")
+            tracking.log_metrics({f"{target}/selected_val_acc": results[chosen].val_acc})
+            png = plot_curves({m: r.curve for m, r in results.items()}, "step", "val_acc",
+                              f"{target}: target validation accuracy during fine-tuning", root / "plots" / "finetune" / f"{target}.png")
+            tracking.log_artifact(png, "plots")
+            summary[target] = entry
+            log.info("%s: ship %s (%s)", target, chosen, reason)
+        write_json(root / "metrics" / "finetune.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry: `python -m metatransfer.stages.finetune [--params params.yaml]`."""
+    from metatransfer.stages.common import run_stage
+
+    return run_stage("finetune", argv, run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The one module that talks to MLflow.
+
+Defaults: a sqlite store in the project (`sqlite:///<root>/mlflow.db`) and
+artifacts under `<root>/mlartifacts`; MLFLOW_TRACKING_URI overrides the
+store. Every stage opens one run named after the stage; when the Prefect
+`pipeline` flow (or any caller) sets METATRANSFER_PARENT_RUN_ID, stage runs
+become its children, so one pipeline run groups its stages in the UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "metatransfer"
+PARENT_ENV = "METATRANSFER_PARENT_RUN_ID"
+
+
+def tracking_uri(root: str | Path = ".") -> str:
+    """The tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<abs root>/mlflow.db."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def configure(root: str | Path = ".", experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the project store and experiment; return the experiment id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        artifacts = (Path(root).resolve() / "mlartifacts").as_uri()
+        if tracking_uri(root).startswith(("http://", "https://")):
+            exp_id = mlflow.create_experiment(experiment)
+        else:
+            exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def git_commit(root: str | Path = ".") -> str:
+    """HEAD's commit hash, with '+dirty' when tracked files changed; '' outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def dvc_out_md5(root: str | Path, out_path: str) -> str:
+    """The md5 DVC recorded in dvc.lock for an output path ('' when not recorded)."""
+    import yaml
+
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return ""
+    data = yaml.safe_load(lock.read_text()) or {}
+    for stage in (data.get("stages") or {}).values():
+        for out in stage.get("outs", []) or []:
+            if out.get("path") == out_path:
+                return str(out.get("md5", ""))
+    return ""
+
+
+def standard_tags(root: str | Path = ".") -> dict[str, str]:
+    """Tags every run carries: git commit, dvc.lock digest, prepared-data version."""
+    from metatransfer.dvc_stages import lock_digest
+
+    return {
+        "git_commit": git_commit(root),
+        "dvc_lock_sha256": lock_digest(root),
+        "data_version": dvc_out_md5(root, "data/prepared"),
+    }
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, root: str | Path = ".", params: dict[str, Any] | None = None) -> Iterator[Any]:
+    """Open the MLflow run of one stage (a child of $METATRANSFER_PARENT_RUN_ID if set).
+
+    Logs the flattened params and the standard tags; yields the active run.
+    """
+    import mlflow
+
+    configure(root)
+    parent = os.environ.get(PARENT_ENV) or None
+    tags = {"stage": stage, **standard_tags(root)}
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
+        if params:
+            log_params(params)
+        yield run
+
+
+@contextlib.contextmanager
+def child_run(name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """A nested run under the active one (e.g. one per algorithm)."""
+    import mlflow
+
+    with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
+        yield run
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log flattened params (values stringified, MLflow's 6000-char limit respected)."""
+    import mlflow
+
+    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+
+
+def metric_sink():
+    """A (name, value, step) callback that logs to the active run, batching nothing."""
+    import mlflow
+
+    def sink(name: str, value: float, step: int) -> None:
+        mlflow.log_metric(name, float(value), step=int(step))
+
+    return sink
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log several metrics at once to the active run."""
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Attach a file or folder to the active run."""
+    import mlflow
+
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_dataset(name: str, path: str, digest: str, context: str) -> None:
+    """Log a DVC-tracked input as an MLflow dataset whose digest is its DVC md5."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=(digest or "unknown")[:36]), context=context)
+
+
+def log_dict(data: dict[str, Any], artifact_file: str) -> None:
+    """Attach a JSON document to the active run."""
+    import mlflow
+
+    mlflow.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def begin_pipeline_run(root: str | Path = ".", name: str = "pipeline", tags: dict[str, str] | None = None) -> str:
+    """Create the parent run of one pipeline run and return its id.
+
+    The run stays RUNNING until `end_pipeline_run`; stage processes attach their
+    runs to it through $METATRANSFER_PARENT_RUN_ID.
+    """
+    from mlflow.tracking import MlflowClient
+
+    exp_id = configure(root)
+    client = MlflowClient(tracking_uri(root))
+    all_tags = {"mlflow.runName": name, "stage": "pipeline", **standard_tags(root), **(tags or {})}
+    return client.create_run(exp_id, tags=all_tags, run_name=name).info.run_id
+
+
+def end_pipeline_run(run_id: str, root: str | Path = ".", status: str = "FINISHED") -> None:
+    """Mark the parent run FINISHED or FAILED (tags refreshed: dvc.lock changed during the run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(root))
+    for key, value in standard_tags(root).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status=status)
+
+
+def _requirements() -> list[str]:
+    """Explicit pip requirements (inferring them reloads the model in a subprocess: 7-9 s)."""
+    import numpy
+    import pandas
+    import safetensors
+    import torch
+
+    from metatransfer import __version__
+
+    return [
+        f"metatransfer=={__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"safetensors=={safetensors.__version__}",
+        f"numpy=={numpy.__version__}",
+        f"pandas=={pandas.__version__}",
+    ]
+
+
+def log_target_model(folder: str | Path, channels: int, size: int, n_classes: int, name: str = "target_model",
+                     registered_model_name: str | None = None) -> str:
+    """Log a fine-tuned target model (safetensors folder) as a pyfunc model with a signature.
+
+    Returns:
+        The logged model's URI (models:/<model id>).
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from metatransfer.serving import target_model
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, size, size), "images")]),
+        outputs=Schema([ColSpec("long", "prediction"), ColSpec("string", "label")]
+                       + [ColSpec("double", f"prob_{i}") for i in range(n_classes)]),
+    )
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=target_model.__file__, artifacts={"model": str(folder)},
+        signature=signature, pip_requirements=_requirements(), registered_model_name=registered_model_name,
+    )
+    return info.model_uri
+
+
+def log_few_shot_model(folder: str | Path, channels: int, size: int, name: str = "few_shot_model",
+                       registered_model_name: str | None = None) -> str:
+    """Log a meta-learner (safetensors folder) as an adapt-on-request pyfunc model.
+
+    Returns:
+        The logged model's URI.
+    """
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from metatransfer.serving import few_shot_model
+
+    signature = ModelSignature(
+        inputs=Schema([
+            TensorSpec(np.dtype(np.float32), (-1, channels, size, size), "support_x"),
+            TensorSpec(np.dtype(np.int64), (-1,), "support_y"),
+            TensorSpec(np.dtype(np.float32), (-1, channels, size, size), "query_x"),
+        ]),
+        outputs=Schema([ColSpec("long", "prediction")]),
+    )
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=few_shot_model.__file__, artifacts={"learner": str(folder)},
+        signature=signature, pip_requirements=_requirements(), registered_model_name=registered_model_name,
+    )
+    return info.model_uri

@@ -1,0 +1,264 @@
+"""Target fine-tuning: the meta-learned φ initialises the model shipped for the target.
+
+For every meta-trained learner the target model is its backbone (φ) plus a
+linear head over the target's classes, initialised from the class prototypes
+of the labelled target images (the ProtoNet ↔ linear-layer identity of Snell
+et al. 2017: w_c = 2μ_c, b_c = −‖μ_c‖², so before any step the model already
+is the nearest-prototype classifier), then fine-tuned with Adam on the
+labelled target images, with early stopping on target validation data.
+
+Batch norm: learners meta-trained with per-episode batch statistics (MAML
+family) have no running statistics; a served model must not depend on the
+batch it is given, so the target model always tracks running statistics and
+estimates them on the labelled target images before fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from metatransfer.algorithms.base import MetaLearner
+from metatransfer.artifacts import load_state, save_state
+from metatransfer.errors import ConfigError
+from metatransfer.models import BackboneSpec, build_backbone
+
+log = logging.getLogger(__name__)
+
+
+class TargetModel(nn.Module):
+    """Backbone + linear head over the target classes: images → logits.
+
+    Args:
+        backbone: the backbone spec (same as the learner's).
+        class_names: the target's class names, in label order.
+        source_algorithm: which learner's φ initialised it (provenance).
+    """
+
+    def __init__(self, backbone: BackboneSpec, class_names: list[str], source_algorithm: str) -> None:
+        super().__init__()
+        self.backbone_spec = backbone
+        self.class_names = list(class_names)
+        self.source_algorithm = source_algorithm
+        self.backbone = build_backbone(backbone, track_running_stats=True)
+        self.head = nn.Linear(self.backbone.out_dim, len(class_names))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, n_classes) for float images (B, C, H, W) in [0, 1]."""
+        return self.head(self.backbone(x))
+
+    def config(self) -> dict[str, Any]:
+        """What `load_target_model` needs to rebuild this module."""
+        return {
+            "kind": "target_model",
+            "backbone": asdict(self.backbone_spec),
+            "class_names": self.class_names,
+            "source_algorithm": self.source_algorithm,
+        }
+
+
+def save_target_model(model: TargetModel, folder: str | Path, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """Save weights (safetensors) + config + checksums atomically."""
+    config = model.config()
+    if extra:
+        config["extra"] = extra
+    return save_state(model.state_dict(), config, folder)
+
+
+def load_target_model(folder: str | Path) -> TargetModel:
+    """Rebuild a TargetModel saved by `save_target_model` (checksums verified), in eval mode."""
+    state, config = load_state(folder)
+    if config.get("kind") != "target_model":
+        raise ConfigError(f"{folder}: not a target model (config kind {config.get('kind')!r})")
+    model = TargetModel(BackboneSpec(**config["backbone"]), config["class_names"], config["source_algorithm"])
+    model.load_state_dict(state)
+    model.eval()
+    return model
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How the target model is trained (the `finetune` section of params.yaml)."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    train_layers: str  # "all" or "head"
+    eval_every: int
+    patience: int  # evaluations without improvement before stopping; 0 = never stop early
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned model and its evidence."""
+
+    model: TargetModel
+    val_acc: float
+    best_step: int
+    steps_done: int
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def _learner_backbone(learner: MetaLearner) -> nn.Module:
+    initial = getattr(learner, "initial_model", None)
+    if not hasattr(learner, "backbone") and callable(initial):
+        # Training from scratch: its φ is the seeded random initialisation.
+        return initial(learner.n_way).backbone
+    backbone = getattr(learner, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise ConfigError(
+            f"algorithm {learner.name!r} exposes no `backbone` module, so its φ cannot "
+            "initialise a target model; exclude it from finetune or add the attribute"
+        )
+    return backbone
+
+
+@torch.no_grad()
+def _estimate_bn_stats(module: nn.Module, x: torch.Tensor, batch_size: int) -> None:
+    """Cumulative running statistics of every BatchNorm over `x` (momentum=None)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    module.train()
+    for i in range(0, len(x), batch_size):
+        module(x[i : i + batch_size])
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of `model` in eval mode (mode restored)."""
+    was = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+    model.train(was)
+    return correct / max(1, len(x))
+
+
+def init_target_model(
+    learner: MetaLearner, train_x: torch.Tensor, train_y: torch.Tensor, class_names: list[str], batch_size: int = 256
+) -> TargetModel:
+    """A target model whose backbone is the learner's φ and whose head is the prototype classifier."""
+    model = TargetModel(learner.backbone_spec, class_names, learner.name)
+    source = _learner_backbone(learner).state_dict()
+    # strict=False: a MAML-family backbone has no running-stat buffers; they are estimated below.
+    missing, unexpected = model.backbone.load_state_dict(source, strict=False)
+    bad = [k for k in missing if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    if bad or unexpected:
+        raise ConfigError(f"{learner.name}: backbone weights do not fit the target model ({bad[:3]}, {unexpected[:3]})")
+    _estimate_bn_stats(model.backbone, train_x, batch_size)
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model.backbone(train_x[i : i + batch_size]) for i in range(0, len(train_x), batch_size)])
+        protos = torch.stack([feats[train_y == c].mean(0) for c in range(len(class_names))])
+        model.head.weight.copy_(2 * protos)
+        model.head.bias.copy_(-(protos**2).sum(1))
+        # Rescale so initial logits are O(1): softmax of raw squared distances is
+        # near one-hot and its gradients vanish, which stalls fine-tuning.
+        scale = feats.pow(2).sum(1).mean().clamp_min(1e-6)
+        model.head.weight.div_(scale)
+        model.head.bias.div_(scale)
+    return model
+
+
+def finetune(
+    learner: MetaLearner,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor | None,
+    val_y: torch.Tensor | None,
+    class_names: list[str],
+    settings: FinetuneSettings,
+    seed: int,
+    sink: Callable[[str, float, int], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune a target model initialised from `learner`'s φ.
+
+    Args:
+        learner: a meta-trained learner (unchanged).
+        train_x, train_y: the labelled target images (float [0, 1]) and labels.
+        val_x, val_y: target validation data for early stopping (None: none).
+        class_names: target class names in label order.
+        settings: steps, lr, batch size, which layers train, patience.
+        seed: seeds mini-batch order.
+        sink: optional metric logger (name, value, step).
+
+    Returns:
+        FinetuneResult with the best-validation model (the last one without val data).
+    """
+    if settings.train_layers not in ("all", "head"):
+        raise ConfigError(f"finetune.train_layers: must be 'all' or 'head', found {settings.train_layers!r}")
+    emit = sink or (lambda *a: None)
+    gen = torch.Generator().manual_seed(seed)
+    model = init_target_model(learner, train_x, train_y, class_names)
+    params = list(model.head.parameters()) if settings.train_layers == "head" else list(model.parameters())
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    has_val = val_x is not None and val_y is not None and len(val_x) > 0
+    best_acc = accuracy(model, val_x, val_y) if has_val else -1.0
+    best_state, best_step, bad_evals = copy.deepcopy(model.state_dict()), 0, 0
+    curve = [{"step": 0, "val_acc": best_acc}] if has_val else []
+    emit("finetune/val_acc", best_acc, 0) if has_val else None
+    step = 0
+    loss_fn = nn.CrossEntropyLoss()
+    while step < settings.steps:
+        model.train()
+        if settings.train_layers == "head":
+            model.backbone.eval()  # keep φ's statistics when only the head trains
+        idx = torch.randint(len(train_x), (min(settings.batch_size, len(train_x)),), generator=gen)
+        loss = loss_fn(model(train_x[idx]), train_y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        emit("finetune/loss", loss.item(), step)
+        if has_val and (step % settings.eval_every == 0 or step == settings.steps):
+            acc = accuracy(model, val_x, val_y)
+            curve.append({"step": step, "val_acc": acc})
+            emit("finetune/val_acc", acc, step)
+            if acc > best_acc:
+                best_acc, best_step, bad_evals = acc, step, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_evals += 1
+                if settings.patience and bad_evals >= settings.patience:
+                    log.info("%s: early stop at step %d (best %.4f at %d)", learner.name, step, best_acc, best_step)
+                    break
+    if has_val:
+        model.load_state_dict(best_state)
+    else:
+        best_step = step
+    model.eval()
+    return FinetuneResult(model, best_acc, best_step, step, curve)
+
+
+def select_method(val_accs: dict[str, float], force: str = "") -> tuple[str, str]:
+    """Pick the method with the best target validation accuracy (ties: first listed).
+
+    Returns:
+        (method, reason). `force` overrides the choice but is still reported with the evidence.
+    """
+    if not val_accs:
+        raise ConfigError("finetune: no method produced a target model; check meta_train.algorithms")
+    if force:
+        if force not in val_accs:
+            raise ConfigError(f"finetune.force_method: {force!r} is not among the fine-tuned methods {sorted(val_accs)}")
+        return force, f"forced by finetune.force_method (val acc {val_accs[force]:.4f}; best was {max(val_accs, key=val_accs.get)})"
+    best = max(val_accs, key=lambda k: val_accs[k])
+    ranked = ", ".join(f"{k} {v:.4f}" for k, v in sorted(val_accs.items(), key=lambda kv: -kv[1]))
+    return best, f"highest target validation accuracy ({ranked})"
+
+
+_ = np  # numpy used by callers' type hints in docs

@@ -1,0 +1,167 @@
+"""The meta-training loop shared by every algorithm.
+
+The loop owns what algorithms should not each re-implement: the outer
+optimizer step, a step and wall-clock budget, the validation curve on fixed
+meta-val episodes with best-model selection, and numerical-fault recovery
+(a non-finite loss or gradient skips the step and restores the last finite
+state; K consecutive faults stop the run with a clear error).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from metatransfer.algorithms.base import MetaLearner
+from metatransfer.episodes import Episode
+from metatransfer.errors import MetatransferError
+from metatransfer.evaluation.episodic import episode_accuracies
+
+log = logging.getLogger(__name__)
+
+MetricSink = Callable[[str, float, int], None]
+"""Receives (metric name, value, step), e.g. an MLflow logger."""
+
+
+class NumericalFaultError(MetatransferError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Budget and schedule of one meta-training run."""
+
+    steps: int
+    meta_batch_size: int
+    meta_lr: float
+    val_every: int
+    time_budget_s: float = math.inf
+    max_consecutive_faults: int = 5
+    grad_clip: float = 10.0
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (the learner holds the best-validation weights)."""
+
+    learner: MetaLearner
+    steps_done: int
+    seconds: float
+    best_val_acc: float
+    best_step: int
+    faults: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    val_curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def make_optimizer(learner: MetaLearner, lr: float) -> torch.optim.Optimizer:
+    """The outer optimizer: the algorithm's own `outer_optimizer(lr)` if it has one, else Adam."""
+    own = getattr(learner, "outer_optimizer", None)
+    if callable(own):
+        return own(lr)
+    return torch.optim.Adam([p for p in learner.parameters() if p.requires_grad], lr=lr)
+
+
+def meta_train(
+    learner: MetaLearner,
+    sample_episode: Callable[[], Episode],
+    val_episodes: Sequence[Episode],
+    settings: TrainSettings,
+    sink: MetricSink | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> TrainResult:
+    """Meta-train `learner` on sampled source episodes; keep the best meta-val weights.
+
+    Args:
+        learner: the algorithm (its parameters are θ).
+        sample_episode: returns one source episode per call (seeded sampler).
+        val_episodes: fixed meta-val episodes; evaluated every `val_every`
+            steps and at the end; empty disables selection (last weights kept).
+        settings: steps, meta-batch size, outer lr, time budget.
+        sink: optional metric logger (name, value, step).
+        on_step: optional callback(step, loss, acc), e.g. a progress bar.
+
+    Returns:
+        TrainResult; `learner` is left with the best-validation weights.
+
+    Raises:
+        NumericalFaultError: `max_consecutive_faults` non-finite steps in a row.
+    """
+    emit = sink or (lambda name, value, step: None)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    optimizer = make_optimizer(learner, settings.meta_lr)
+    start = time.perf_counter()
+    result = TrainResult(learner, 0, 0.0, -1.0, 0, 0)
+    best_state: dict[str, torch.Tensor] | None = None
+    last_good = (copy.deepcopy(learner.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    consecutive = 0
+
+    def validate(step: int) -> None:
+        nonlocal best_state
+        if not val_episodes:
+            return
+        accs = episode_accuracies(learner, val_episodes)
+        acc = float(np.mean(accs))
+        result.val_curve.append({"step": step, "acc": acc, "seconds": time.perf_counter() - start})
+        emit("val/acc", acc, step)
+        if acc > result.best_val_acc:
+            result.best_val_acc, result.best_step = acc, step
+            best_state = copy.deepcopy(learner.state_dict())
+
+    step = 0
+    while step < settings.steps and time.perf_counter() - start < settings.time_budget_s:
+        learner.train()
+        episodes = [sample_episode() for _ in range(settings.meta_batch_size)]
+        optimizer.zero_grad(set_to_none=True)
+        out = learner.meta_learn(episodes)
+        if not (math.isfinite(out.loss) and _grads_finite(params)):
+            result.faults += 1
+            consecutive += 1
+            learner.load_state_dict(last_good[0])
+            optimizer.load_state_dict(last_good[1])
+            emit("meta_train/nonfinite_skips", float(result.faults), step)
+            log.warning("step %d: non-finite loss or gradient (%s); step skipped, last finite state restored", step, out.loss)
+            if consecutive >= settings.max_consecutive_faults:
+                raise NumericalFaultError(
+                    f"{learner.name}: {consecutive} consecutive steps with a non-finite loss or "
+                    f"gradient (last loss {out.loss}) at step {step}. Lower the learning rates "
+                    "(meta_train.meta_lr, meta_train.hparams.<algorithm>.inner_lr) and re-run."
+                )
+            continue
+        consecutive = 0
+        if settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        step += 1
+        # Keeping a copy every step costs a state_dict clone (~0.5 ms for Conv-4).
+        last_good = (copy.deepcopy(learner.state_dict()), copy.deepcopy(optimizer.state_dict()))
+        result.history.append({"step": step, "loss": out.loss, "acc": out.acc})
+        emit("meta_train/loss", out.loss, step)
+        emit("meta_train/query_acc", out.acc, step)
+        if on_step is not None:
+            on_step(step, out.loss, out.acc)
+        if step % settings.val_every == 0:
+            validate(step)
+
+    if not result.val_curve or result.val_curve[-1]["step"] != step:
+        validate(step)
+    if best_state is not None:
+        learner.load_state_dict(best_state)
+    result.steps_done = step
+    result.seconds = time.perf_counter() - start
+    log.info(
+        "%s: %d steps in %.1f s, best val acc %.4f at step %d, %d skipped faults",
+        learner.name, step, result.seconds, result.best_val_acc, result.best_step, result.faults,
+    )
+    return result
