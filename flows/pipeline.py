@@ -15,11 +15,12 @@ from tasks.tracking import begin_run, end_run
 
 
 @flow(name="pipeline")
-def pipeline(root: str = ".") -> dict:
+def pipeline(root: str = ".", force: bool = False) -> dict:
     """Run every stage that changed.
 
     Args:
         root: the project root (holds dvc.yaml and params.yaml).
+        force: re-run every stage even if DVC finds nothing changed.
 
     Returns:
         {"ran": stages DVC ran, "mlflow_run_id": the parent run, "dvc_status": {} when clean}.
@@ -27,9 +28,9 @@ def pipeline(root: str = ".") -> dict:
     run_id = begin_run(root)
     status = "FAILED"
     try:
-        ran = data(root, run_id)["ran"]
+        ran = data(root, run_id, force)["ran"]
         for stage in (episodes, meta_train, finetune, evaluate):
-            ran += stage(root, run_id)
+            ran += stage(root, run_id, force)
         status = "FINISHED"
     finally:
         end_run(run_id, root, status)

@@ -270,6 +270,13 @@ def _check_ranges(p: Params) -> None:
         need(f.role in ("source", "target"), f"{key}.role", f"must be 'source' or 'target', found {f.role!r}")
         need(all(x >= 0 for x in f.split_fractions) and abs(sum(f.split_fractions) - 1) < 1e-6,
              f"{key}.split_fractions", f"must be three non-negative numbers summing to 1, found {list(f.split_fractions)}")
+    if p.episodes is not None:
+        for name, e in p.episodes.sets.items():
+            key = f"episodes.sets.{name}"
+            need(e.n_way >= 2, f"{key}.n_way", f"must be >= 2, found {e.n_way}")
+            need(len(e.shots) >= 1 and all(k >= 1 for k in e.shots), f"{key}.shots", f"must be a non-empty list of integers >= 1, found {list(e.shots)}")
+            need(e.n_query >= 1, f"{key}.n_query", f"must be >= 1, found {e.n_query}")
+            need(e.n_episodes >= 2, f"{key}.n_episodes", f"must be >= 2 (a confidence interval needs two), found {e.n_episodes}")
     if p.meta_train is not None:
         m = p.meta_train
         for key in ("n_way", "k_shot", "n_query", "meta_batch_size", "val_every", "val_episodes"):

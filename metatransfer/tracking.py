@@ -5,13 +5,32 @@ artifacts under `<root>/mlartifacts`; MLFLOW_TRACKING_URI overrides the
 store. Every stage opens one run named after the stage; when the Prefect
 `pipeline` flow (or any caller) sets METATRANSFER_PARENT_RUN_ID, stage runs
 become its children, so one pipeline run groups its stages in the UI.
+
+Several processes may log to one sqlite store at once (parallel stages,
+`dvc exp run` queues, several pipeline runs). Three things keep that safe:
+
+- the store is switched to write-ahead logging (WAL), so readers never block
+  the writer and a commit costs one append instead of a journal rewrite;
+- every connection waits up to SQLITE_TIMEOUT_S for the write lock
+  (`?timeout=` in the URI, read by SQLAlchemy's sqlite driver) instead of
+  sqlite's 5 s, after which it would raise "database is locked";
+- creating the schema (MLflow's migrations) and the experiment happens under
+  an exclusive file lock: without it, processes that start together on a new
+  store race through the migrations ("duplicate column name") or create the
+  experiment twice.
+
+WAL needs a local file system (not NFS); for many users or machines put a
+tracking server (`mlflow server`, see docs/bad_input.md) or PostgreSQL in
+front of the store and set MLFLOW_TRACKING_URI.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,30 +38,86 @@ from typing import Any
 
 EXPERIMENT = "metatransfer"
 PARENT_ENV = "METATRANSFER_PARENT_RUN_ID"
+# How long a connection waits for sqlite's write lock before "database is
+# locked". Writes take milliseconds; the wait only grows with many writers on
+# a loaded machine, and a slow metric write is better than a lost one.
+SQLITE_TIMEOUT_S = 120
+_prepared_stores: set[str] = set()
 
 
 def tracking_uri(root: str | Path = ".") -> str:
-    """The tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<abs root>/mlflow.db."""
+    """The tracking URI: $MLFLOW_TRACKING_URI, else sqlite:///<abs root>/mlflow.db?timeout=<s>."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}?timeout={SQLITE_TIMEOUT_S}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (query string dropped); None for other stores."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Exclusive inter-process lock around store set-up (a no-op for non-sqlite stores)."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling lock file, not the database: sqlite takes its own locks on the
+    # database file and flock on it would interfere with nothing but confuse readers.
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def enable_wal(path: str | Path) -> str:
+    """Switch a sqlite database to write-ahead logging (persistent in the file).
+
+    Args:
+        path: the database file (created empty if missing; MLflow adds its tables later).
+
+    Returns:
+        The journal mode sqlite reports afterwards ("wal" on local file systems).
+    """
+    con = sqlite3.connect(str(path), timeout=SQLITE_TIMEOUT_S)
+    try:
+        return str(con.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+    finally:
+        con.close()
 
 
 def configure(root: str | Path = ".", experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the project store and experiment; return the experiment id."""
+    """Point MLflow at the project store and experiment; return the experiment id.
+
+    For a sqlite store the first call in a process also switches it to WAL and
+    creates schema and experiment under an inter-process lock (see the module doc).
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        artifacts = (Path(root).resolve() / "mlartifacts").as_uri()
-        if tracking_uri(root).startswith(("http://", "https://")):
-            exp_id = mlflow.create_experiment(experiment)
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    with _store_lock(uri):
+        path = sqlite_path(uri)
+        if path is not None and uri not in _prepared_stores:
+            enable_wal(path)
+            _prepared_stores.add(uri)
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            artifacts = (Path(root).resolve() / "mlartifacts").as_uri()
+            if uri.startswith(("http://", "https://")):  # the server decides where artifacts go
+                exp_id = mlflow.create_experiment(experiment)
+            else:
+                exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
         else:
-            exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
-    else:
-        exp_id = exp.experiment_id
+            exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

@@ -10,39 +10,39 @@ from metatransfer import dvc_stages
 
 
 @task(name="fetch", retries=2, retry_delay_seconds=10)
-def fetch(root: str, parent_run_id: str | None = None) -> list[str]:
+def fetch(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Raw files into data/raw (download or mirror copy, checksums verified)."""
-    return dvc_stages.reproduce_stage("fetch", root, parent_run_id=parent_run_id)
+    return dvc_stages.reproduce_stage("fetch", root, force=force, parent_run_id=parent_run_id)
 
 
 @task(name="prepare")
-def prepare(root: str, parent_run_id: str | None = None) -> list[str]:
+def prepare(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Decode, convert, validate, write the prepared store."""
-    return dvc_stages.reproduce_stage("prepare", root, parent_run_id=parent_run_id)
+    return dvc_stages.reproduce_stage("prepare", root, force=force, parent_run_id=parent_run_id)
 
 
 @task(name="episodes")
-def episodes(root: str, parent_run_id: str | None = None) -> list[str]:
+def episodes(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Fixed evaluation episode files."""
-    return dvc_stages.reproduce_stage("episodes", root, parent_run_id=parent_run_id)
+    return dvc_stages.reproduce_stage("episodes", root, force=force, parent_run_id=parent_run_id)
 
 
 @task(name="meta_train")
-def meta_train(root: str, parent_run_id: str | None = None) -> list[str]:
+def meta_train(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Meta-train every configured algorithm."""
-    return dvc_stages.reproduce_stage("meta_train", root, parent_run_id=parent_run_id)
+    return dvc_stages.reproduce_stage("meta_train", root, force=force, parent_run_id=parent_run_id)
 
 
 @task(name="finetune")
-def finetune(root: str, parent_run_id: str | None = None) -> list[str]:
+def finetune(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Fine-tune target models from φ and choose the one to ship."""
-    return dvc_stages.reproduce_stage("finetune", root, parent_run_id=parent_run_id)
+    return dvc_stages.reproduce_stage("finetune", root, force=force, parent_run_id=parent_run_id)
 
 
 @task(name="evaluate")
-def evaluate(root: str, parent_run_id: str | None = None) -> list[str]:
+def evaluate(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Score every method on the fixed episodes; write metrics, plots, report."""
-    return dvc_stages.reproduce_stage("evaluate", root, parent_run_id=parent_run_id)
+    return dvc_stages.reproduce_stage("evaluate", root, force=force, parent_run_id=parent_run_id)
 
 
 @task(name="dvc_status")

@@ -11,24 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from metatransfer.quick import quick_params
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def shrink(params: dict, mirror: Path) -> dict:
-    """The default params with sizes cut to seconds (same stages, same code)."""
-    p = yaml.safe_load(yaml.safe_dump(params))
-    p["data"]["mirror"] = str(mirror)
-    p["fetch"]["datasets"] = ["omniglot", "retinamnist", "breastmnist"]
-    for s in p["episodes"]["sets"].values():
-        s["n_episodes"] = 4
-        s["shots"] = s["shots"][:2]
-    p["meta_train"].update(
-        algorithms=["protonet", "fomaml"], steps=4, time_budget_s=10_000, meta_batch_size=2,
-        val_every=2, val_episodes=3, hparams={},
-    )
-    p["finetune"].update(methods=["protonet", "fomaml", "scratch"], steps=6, eval_every=3, val_per_class=10, shots_per_class=5)
-    p["evaluate"].update(methods=["protonet", "fomaml", "scratch"], reference="scratch")
-    return p
 
 
 def make_project(dest: Path, mirror: Path) -> Path:
@@ -36,7 +21,7 @@ def make_project(dest: Path, mirror: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "metatransfer", dest / "metatransfer", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
-    params = shrink(yaml.safe_load((ROOT / "params.yaml").read_text()), mirror)
+    params = quick_params(yaml.safe_load((ROOT / "params.yaml").read_text()), mirror)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = project_env(dest)
     run = lambda *cmd: subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True, text=True)  # noqa: E731

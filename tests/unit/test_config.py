@@ -112,3 +112,30 @@ def test_flatten_gives_dotted_keys(raw: dict) -> None:
     flat = flatten(params_from_mapping(raw))
     assert flat["prepare.image_size"] == 28
     assert flat["data.prepared_dir"] == "data/prepared"
+
+
+def test_unknown_algorithm_lists_valid_names(raw: dict) -> None:
+    raw["meta_train"]["algorithms"] = ["protonet", "mamll"]
+    with pytest.raises(ConfigError, match=r"meta_train.algorithms: unknown algorithm 'mamll'; valid: \[.*'maml'.*\]"):
+        params_from_mapping(raw)
+
+
+def test_algorithm_hparams_validated_by_the_algorithm(raw: dict) -> None:
+    raw["meta_train"]["hparams"] = {"fomaml": {"inner_lr": "fast"}}
+    with pytest.raises(ConfigError, match=r"meta_train.hparams.fomaml.inner_lr: expected float"):
+        params_from_mapping(raw)
+    raw["meta_train"]["hparams"] = {"fomaml": {"inner_lrr": 0.1}}
+    with pytest.raises(ConfigError, match=r"meta_train.hparams.fomaml: unknown key\(s\) \['inner_lrr'\]"):
+        params_from_mapping(raw)
+
+
+def test_finetune_methods_must_be_trained_or_scratch(raw: dict) -> None:
+    raw["finetune"]["methods"] = ["protonet", "maml"]
+    with pytest.raises(ConfigError, match=r"finetune.methods: 'maml' is neither meta-trained"):
+        params_from_mapping(raw)
+
+
+def test_episode_set_ranges(raw: dict) -> None:
+    raw["episodes"]["sets"]["omniglot_test"]["shots"] = [0, 5]
+    with pytest.raises(ConfigError, match=r"episodes.sets.omniglot_test.shots: must be a non-empty list"):
+        params_from_mapping(raw)
