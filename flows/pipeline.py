@@ -1,8 +1,10 @@
-"""The `pipeline` flow: data → episodes → meta_train → finetune → evaluate.
+"""The `pipeline` flow: data → episodes → meta_train → finetune → evaluate → promote.
 
 Each stage is a Prefect task that reproduces the DVC stage of the same name,
 so the flow and `dvc repro` run the same code and leave the same state; one
-MLflow parent run groups the stage runs of one pipeline run.
+MLflow parent run groups the stage runs of one pipeline run. `promote` (a
+registry action, not a DVC stage) gates each target's newly registered
+challenger against the champion (docs/registry.md).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.data import data
+from tasks.registry import promote
 from tasks.stages import dvc_status, episodes, evaluate, finetune, meta_train
 from tasks.tracking import begin_run, end_run
 
@@ -23,7 +26,8 @@ def pipeline(root: str = ".", force: bool = False) -> dict:
         force: re-run every stage even if DVC finds nothing changed.
 
     Returns:
-        {"ran": stages DVC ran, "mlflow_run_id": the parent run, "dvc_status": {} when clean}.
+        {"ran": stages DVC ran, "mlflow_run_id": the parent run, "dvc_status": {} when clean,
+         "promotion": the gate's decision per target}.
     """
     run_id = begin_run(root)
     status = "FAILED"
@@ -31,10 +35,11 @@ def pipeline(root: str = ".", force: bool = False) -> dict:
         ran = data(root, run_id, force)["ran"]
         for stage in (episodes, meta_train, finetune, evaluate):
             ran += stage(root, run_id, force)
+        promotion = promote(root, run_id)
         status = "FINISHED"
     finally:
         end_run(run_id, root, status)
-    return {"ran": ran, "mlflow_run_id": run_id, "dvc_status": dvc_status(root)}
+    return {"ran": ran, "mlflow_run_id": run_id, "dvc_status": dvc_status(root), "promotion": promotion}
 
 
 if __name__ == "__main__":

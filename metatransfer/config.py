@@ -159,6 +159,22 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class PromoteParams:
+    """The promotion gate (metatransfer/registry.py, docs/registry.md).
+
+    margin: minimum mean per-episode accuracy gain of the challenger over the reference.
+    confidence: level of the paired interval of the per-episode difference.
+    n_episodes: disjoint held-out episodes cut from each target's test split.
+    baseline: finetune method whose target model a first champion must beat.
+    """
+
+    margin: float
+    confidence: float
+    n_episodes: int
+    baseline: str
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -171,6 +187,7 @@ class Params:
     meta_train: MetaTrainParams | None = None
     finetune: FinetuneParams | None = None
     evaluate: EvaluateParams | None = None
+    promote: PromoteParams | None = None
 
 
 # --------------------------------------------------------------------------- loading
@@ -306,6 +323,15 @@ def _check_ranges(p: Params) -> None:
             need(name in known, "finetune.methods", f"{name!r} is neither meta-trained (meta_train.algorithms) nor 'scratch'; allowed: {sorted(known)}")
         need(not f.force_method or f.force_method in f.methods, "finetune.force_method",
              f"must be '' or one of finetune.methods {list(f.methods)}, found {f.force_method!r}")
+    if p.promote is not None:
+        g = p.promote
+        need(g.margin >= 0, "promote.margin", f"must be >= 0 (a minimum gain), found {g.margin}")
+        need(0 < g.confidence < 1, "promote.confidence", f"must be in (0, 1), found {g.confidence}")
+        need(g.n_episodes >= 2, "promote.n_episodes", f"must be >= 2, found {g.n_episodes}")
+        if p.finetune is not None:
+            need(g.baseline in p.finetune.methods, "promote.baseline",
+                 f"must be one of finetune.methods {list(p.finetune.methods)} (its target model is what a first "
+                 f"champion must beat), found {g.baseline!r}")
     if p.evaluate is not None:
         need(0 < p.evaluate.confidence < 1, "evaluate.confidence", f"must be in (0, 1), found {p.evaluate.confidence}")
 

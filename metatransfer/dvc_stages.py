@@ -51,9 +51,12 @@ def reproduce_stage(
     """
     from dvc.repo import Repo
 
+    root = Path(root).resolve()
+    # DVC resolves a bare stage name against the dvc.yaml of the *current* folder:
+    # name root's dvc.yaml so a caller elsewhere cannot run another project's stage.
     with _stage_environment(parent_run_id), Repo(str(root)) as repo:
-        ran = repo.reproduce(targets=[stage], single_item=True, force=force)
-    return [s.addressing for s in ran]
+        ran = repo.reproduce(targets=[f"{root / 'dvc.yaml'}:{stage}"], single_item=True, force=force)
+    return [s.name for s in ran]
 
 
 def pipeline_status(root: str | Path = ".") -> dict:

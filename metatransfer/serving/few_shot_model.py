@@ -28,16 +28,23 @@ class FewShotPyfunc(PythonModel):
         self.channels, self.size = spec.in_channels, spec.image_size
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
         from metatransfer.serving.inputs import InputError, as_images, as_labels
 
-        if not isinstance(model_input, dict):
-            raise InputError("expected named inputs support_x, support_y, query_x")
-        missing = [k for k in ("support_x", "support_y", "query_x") if k not in model_input]
-        if missing:
-            raise InputError(f"missing input(s) {missing}; expected support_x, support_y, query_x")
-        sx = as_images(model_input["support_x"], "support_x", self.channels, self.size)
-        sy, n_way = as_labels(model_input["support_y"], "support_y", len(sx))
-        qx = as_images(model_input["query_x"], "query_x", self.channels, self.size)
+        try:
+            if not isinstance(model_input, dict):
+                raise InputError("expected named inputs support_x, support_y, query_x")
+            missing = [k for k in ("support_x", "support_y", "query_x") if k not in model_input]
+            if missing:
+                raise InputError(f"missing input(s) {missing}; expected support_x, support_y, query_x")
+            sx = as_images(model_input["support_x"], "support_x", self.channels, self.size)
+            sy, n_way = as_labels(model_input["support_y"], "support_y", len(sx))
+            qx = as_images(model_input["query_x"], "query_x", self.channels, self.size)
+        except InputError as exc:
+            # The scoring server returns an MlflowException's message with a 400.
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         torch.manual_seed(0)  # learners with random heads answer the same request the same way
         predictor = self.learner.adapt(sx, sy, n_way, unlabeled_x=qx if self.learner.transductive else None)
         with torch.no_grad():

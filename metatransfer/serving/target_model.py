@@ -26,11 +26,19 @@ class TargetModelPyfunc(PythonModel):
         self.channels, self.size = spec.in_channels, spec.image_size
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
-        from metatransfer.serving.inputs import as_images
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from metatransfer.serving.inputs import InputError, as_images
 
         if isinstance(model_input, dict):
             model_input = model_input.get("images", next(iter(model_input.values())))
-        x = as_images(model_input, "images", self.channels, self.size)
+        try:
+            x = as_images(model_input, "images", self.channels, self.size)
+        except InputError as exc:
+            # The scoring server returns an MlflowException's message with a 400;
+            # anything else becomes a generic "unexpected error".
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         with torch.no_grad():
             probs = torch.softmax(self.model(x), dim=1).numpy().astype(np.float64)
         pred = probs.argmax(1)

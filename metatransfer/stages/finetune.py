@@ -3,7 +3,14 @@ its meta-learned φ, fine-tuned on the few labelled target images with early
 stopping on target validation data; the method to ship is chosen on target
 validation accuracy (or forced by a param) and the choice is recorded with
 its evidence. Writes `models/target/<target>/<method>/`,
-`models/target/<target>/selection.json` and `metrics/finetune.json`."""
+`models/target/<target>/selection.json` and `metrics/finetune.json`.
+
+The shipped model of every target is registered in the MLflow Model Registry
+as a new version of `metatransfer-<target>` (alias `challenger`), and the
+few-shot learner of the chosen method as `metatransfer-<target>-learner`;
+both carry the data version, git commit, params digest and the validation
+table (metatransfer/registry.py). Promotion to `champion` is a separate
+registry action (`metatransfer promote`)."""
 
 from __future__ import annotations
 
@@ -79,8 +86,8 @@ def finetune_target(
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
-    """Fine-tune, save target models and the selection, log to MLflow."""
-    from metatransfer import tracking
+    """Fine-tune, save target models and the selection, log to MLflow, register challengers."""
+    from metatransfer import registry, tracking
     from metatransfer.config import flatten
     from metatransfer.evaluation.plots import plot_curves
     from metatransfer.stages.common import write_json
@@ -90,7 +97,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     assert f is not None
     summary: dict[str, Any] = {}
     out = root / "models" / "target"
-    with tracking.stage_run("finetune", root, flatten(params)):
+    with tracking.stage_run("finetune", root, flatten(params)) as run:
         for target in f.targets:
             tracking.log_dataset(f"{target}/train", str(root / params.data.prepared_dir / target), tracking.dvc_out_md5(root, "data/prepared"), "finetune")
 
@@ -112,6 +119,9 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             entry["model_uri"] = tracking.log_target_model(
                 out / target / chosen, params.prepare.channels, params.prepare.image_size, n_classes,
                 name=f"target_{target}")
+            learner_uri = registry.log_learner_for(chosen, params, root, target)
+            entry["registered"] = registry.register_finetune_result(root, target, entry, entry["model_uri"], learner_uri,
+                                                                    run.info.run_id)
             write_json(out / target / "selection.json", entry)
             tracking.log_dict(entry, f"selection/{target}.json")
             tracking.log_metrics({f"{target}/selected_val_acc": results[chosen].val_acc})

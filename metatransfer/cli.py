@@ -1,0 +1,209 @@
+"""`metatransfer`: registry actions and serving from the command line.
+
+    metatransfer promote  [--target T ...] [--margin M] [--confidence C] [--n-episodes N] [--baseline METHOD]
+    metatransfer rollback --target T
+    metatransfer status   [--target T ...] [--json]
+    metatransfer serve    --target T [--model target|learner] [--alias champion] [--port 5001]
+
+Every command works on the project in `--root` (default: the current
+folder: params.yaml, data/prepared, models/target and the MLflow store
+`mlflow.db`, or $MLFLOW_TRACKING_URI). Exit codes: 0 done (a rejected
+challenger is a done promotion), 1 an error meant for people (message
+printed, no traceback), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from metatransfer.errors import MetatransferError
+
+EXIT_OK, EXIT_USER, EXIT_USAGE = 0, 1, 2
+
+# Telemetry off and no progress bars in what this command starts or imports.
+TOOL_ENV = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="metatransfer",
+        description="Model registry actions (promote, rollback, status) and serving for a metatransfer project.",
+    )
+    parser.add_argument("--root", default=".", help="project root holding params.yaml (default: .)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("promote", help="run the promotion gate: challenger vs champion (or the baseline)",
+                       description="Evaluate each target's `challenger` and current `champion` (or, with no champion, "
+                                   "the target model fine-tuned from the baseline method) on the same held-out episodes "
+                                   "of the target test split; move `champion` to the challenger only if the mean gain is "
+                                   ">= margin and the paired confidence interval of the per-episode difference excludes 0. "
+                                   "Unset flags come from params.yaml's `promote` section.")
+    p.add_argument("--target", action="append", help="target dataset (repeatable; default: finetune.targets)")
+    p.add_argument("--margin", type=float, help="minimum mean accuracy gain (e.g. 0.01)")
+    p.add_argument("--confidence", type=float, help="level of the paired interval (e.g. 0.95)")
+    p.add_argument("--n-episodes", type=int, help="disjoint held-out episodes cut from the test split")
+    p.add_argument("--baseline", help="finetune method a first champion must beat (e.g. scratch)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    r = sub.add_parser("rollback", help="move `champion` back to the previous champion",
+                       description="Move the `champion` alias of a target's model (and its learner) back to the previous "
+                                   "champion recorded in the registered model's `champion_history` tag.")
+    r.add_argument("--target", required=True, help="target dataset")
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    s = sub.add_parser("status", help="aliases, champion history and versions of the registered models",
+                       description="Show aliases, champion history and versions of each target's registered models.")
+    s.add_argument("--target", action="append", help="target dataset (repeatable; default: finetune.targets)")
+    s.add_argument("--json", action="store_true", help="print as JSON")
+
+    v = sub.add_parser("serve", help="serve models:/NAME@ALIAS with `mlflow models serve` on loopback",
+                       description="Run `mlflow models serve -m models:/NAME@ALIAS --env-manager local` with telemetry "
+                                   "off, this environment's bin folder first on PATH and the project's tracking store. "
+                                   "POST {\"inputs\": ...} to http://HOST:PORT/invocations.")
+    v.add_argument("--target", required=True, help="target dataset")
+    v.add_argument("--model", choices=["target", "learner"], default="target",
+                   help="target: images -> classes; learner: support + query -> query classes (default: target)")
+    v.add_argument("--alias", default="champion", help="registry alias to serve (default: champion)")
+    v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
+    v.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
+    v.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
+    return parser
+
+
+def _print(data: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str) if as_json else text)
+
+
+def cmd_promote(args: argparse.Namespace, root: Path) -> int:
+    """`promote`: gate every requested target; prints one line (or JSON) per target."""
+    from metatransfer import registry
+    from metatransfer.config import load_params
+
+    settings = registry.gate_settings(load_params(root / "params.yaml"), margin=args.margin, confidence=args.confidence,
+                                      n_episodes=args.n_episodes, baseline=args.baseline)
+    results = registry.promote_targets(root, args.target, settings)
+    lines = [f"{r.name}: {r.decision} (challenger v{r.challenger} vs {r.reference}; champion now "
+             f"{'v' + r.champion_after if r.champion_after else 'none'}): {r.reason}" for r in results]
+    _print([r.to_dict() for r in results], args.json, "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace, root: Path) -> int:
+    """`rollback`: champion back to the previous champion."""
+    from metatransfer import registry
+
+    r = registry.rollback(root, args.target)
+    _print(r.to_dict(), args.json, f"{r.name}: champion rolled back from v{r.from_version} to v{r.to_version}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, root: Path) -> int:
+    """`status`: aliases, history and versions per registered model."""
+    from metatransfer import registry
+
+    status = registry.registry_status(root, args.target)
+    lines = []
+    for target, models in status.items():
+        for name, info in models.items():
+            if info is None:
+                lines.append(f"{name}: not registered")
+                continue
+            aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(info["aliases"].items())) or "no aliases"
+            history = ",".join(info["history"]) or "-"
+            lines.append(f"{name}: {aliases}; champion history {history}")
+            for mv in info["versions"]:
+                extra = " ".join(x for x in (mv["gate_decision"], "rolled back" if mv["rolled_back"] else "") if x)
+                lines.append(f"  v{mv['version']:<4} {mv['method']:<12} {','.join(mv['aliases']):<22} {extra}")
+    _print(status, args.json, "\n".join(lines))
+    return EXIT_OK
+
+
+def serve_command(root: Path, target: str, model: str, alias: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow models serve` command line and environment for `models:/NAME@ALIAS`.
+
+    Returns:
+        (argv, env): env has telemetry off, this interpreter's bin folder first
+        on PATH (the server needs uvicorn from it) and the project's tracking URI.
+    """
+    from metatransfer import registry, tracking
+
+    name = registry.model_name(target) if model == "target" else registry.learner_name(target)
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, **TOOL_ENV, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root),
+           "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
+    mlflow_bin = shutil.which("mlflow", path=env["PATH"]) or "mlflow"
+    argv = [mlflow_bin, "models", "serve", "-m", f"models:/{name}@{alias}", "--env-manager", "local",
+            "--host", host, "--port", str(port)]
+    return argv, env
+
+
+def cmd_serve(args: argparse.Namespace, root: Path) -> int:
+    """`serve`: replace this process with `mlflow models serve` (signals reach the server directly)."""
+    from metatransfer import registry
+
+    if not 0 < args.port < 65536:
+        raise MetatransferError(f"--port: must be in 1..65535, found {args.port}")
+    argv, env = serve_command(root, args.target, args.model, args.alias, args.host, args.port)
+    if args.dry_run:
+        print(" ".join(argv))
+        print(f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']}")
+        return EXIT_OK
+    # Fail here with a clear message rather than in the server's start-up log.
+    name = argv[4].removeprefix("models:/").split("@")[0]
+    if registry._alias_version(registry.client_for(root), name, args.alias) is None:
+        raise registry.RegistryError(f"{name}@{args.alias}: no such registered model version in "
+                                     f"{env['MLFLOW_TRACKING_URI']}; see `metatransfer status`")
+    logging.getLogger("metatransfer").info("serving models:/%s@%s on http://%s:%d", name, args.alias, args.host, args.port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, env)
+    return EXIT_OK  # not reached
+
+
+COMMANDS = {"promote": cmd_promote, "rollback": cmd_rollback, "status": cmd_status, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry of the `metatransfer` command. Returns the exit code (0 ok, 1 user error, 2 usage)."""
+    for key, value in TOOL_ENV.items():
+        os.environ.setdefault(key, value)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
+        return int(exc.code or 0)
+    # MLflow's advice to models-from-code authors, repeated at every model load: noise for users.
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root = Path(args.root).resolve()
+    if not (root / "params.yaml").is_file():
+        print(f"metatransfer: {root / 'params.yaml'} not found; run from the project root or pass --root",
+              file=sys.stderr)
+        return EXIT_USER
+    try:
+        return COMMANDS[args.command](args, root)
+    except MetatransferError as exc:
+        print(f"metatransfer {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USER
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,690 @@
+"""Model registry: registration, the statistical promotion gate, rollback.
+
+Every pipeline run registers, per target, the shipped target model as a new
+version of `metatransfer-<target>` and its meta-learner (the adapt-on-request
+few-shot model) as a new version of `metatransfer-<target>-learner`, both with
+the alias `challenger` (see `register_finetune_result`, called by the
+`finetune` stage). Promotion moves the alias `champion`; serving loads
+`models:/metatransfer-<target>@champion`.
+
+The gate (docs/registry.md): the challenger and the reference (the current
+champion, or — while there is none — the target model fine-tuned from the
+baseline method) classify the same held-out episodes: the target's *test*
+split, shuffled with a fixed seed and cut into `n_episodes` disjoint
+episodes. Per-episode accuracy differences give a paired Student-t interval;
+promote only if the mean gain is ≥ `margin` and the interval lies above 0.
+Disjoint episodes keep the per-episode values independent; overlapping
+resampled episodes would count each image many times and make the interval
+falsely narrow.
+
+Champion history is the registered-model tag `champion_history`
+(comma-separated versions, oldest first); `rollback` moves `champion` back to
+the previous entry. Promotion and rollback are registry actions, not DVC
+outputs: they run after `dvc repro`, from the CLI or from the Prefect flow;
+the latest decision per target is also written to reports/promotion.json
+(shown by the HTML report).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metatransfer.errors import MetatransferError
+from metatransfer.evaluation.stats import MeanCI, paired_difference
+
+log = logging.getLogger(__name__)
+
+PREFIX = "metatransfer"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HISTORY_TAG = "champion_history"
+LEARNER_TAG = "learner_version"  # on a target-model version: its learner's version
+DECISIONS_PATH = Path("reports") / "promotion.json"  # latest decision per target (read by metatransfer.report)
+
+
+class RegistryError(MetatransferError):
+    """A registry action cannot be done as asked (missing model, alias or history)."""
+
+
+# --------------------------------------------------------------------------- names and provenance
+def model_name(target: str) -> str:
+    """Registered-model name of a target's shipped model: `metatransfer-<target>`."""
+    return f"{PREFIX}-{target}"
+
+
+def learner_name(target: str) -> str:
+    """Registered-model name of a target's few-shot learner: `metatransfer-<target>-learner`."""
+    return f"{PREFIX}-{target}-learner"
+
+
+def params_digest(root: str | Path) -> str:
+    """SHA-256 of the project's params.yaml ('' when absent)."""
+    path = Path(root) / "params.yaml"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def provenance_tags(root: str | Path) -> dict[str, str]:
+    """Tags every registered version carries: data version (DVC md5 of data/prepared), git commit, params digest."""
+    from metatransfer import tracking
+
+    return {
+        "data_version": tracking.dvc_out_md5(root, "data/prepared"),
+        "git_commit": tracking.git_commit(root),
+        "params_sha256": params_digest(root),
+    }
+
+
+# --------------------------------------------------------------------------- gate (pure)
+@dataclass(frozen=True)
+class GateSettings:
+    """The promotion gate.
+
+    margin: minimum mean per-episode accuracy gain of the challenger (0.01 = one point).
+    confidence: level of the paired interval of the per-episode difference.
+    n_episodes: disjoint held-out episodes cut from the target test split.
+    baseline: finetune method whose target model a first champion must beat.
+    seed: seeds the split of the test images into episodes.
+    """
+
+    margin: float = 0.01
+    confidence: float = 0.95
+    n_episodes: int = 20
+    baseline: str = "scratch"
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise RegistryError naming the bad setting."""
+        if not self.margin >= 0:
+            raise RegistryError(f"promote.margin: must be >= 0 (a minimum gain), found {self.margin}")
+        if not 0 < self.confidence < 1:
+            raise RegistryError(f"promote.confidence: must be in (0, 1), found {self.confidence}")
+        if self.n_episodes < 2:
+            raise RegistryError(f"promote.n_episodes: must be >= 2 (an interval needs two episodes), found {self.n_episodes}")
+        if not self.baseline:
+            raise RegistryError("promote.baseline: must name a finetune method (e.g. scratch)")
+
+
+def gate_settings(params: Any = None, **overrides: Any) -> GateSettings:
+    """Gate settings: code defaults, then params.yaml's `promote` section (if any), then `overrides`.
+
+    Args:
+        params: the loaded `Params` (its `promote` section and `seed` are used when present).
+        overrides: keyword overrides; None values are ignored (unset CLI flags).
+
+    Returns:
+        Checked GateSettings.
+    """
+    values: dict[str, Any] = {}
+    if params is not None:
+        values["seed"] = params.seed
+        section = getattr(params, "promote", None)
+        if section is not None:
+            values.update({k: getattr(section, k) for k in ("margin", "confidence", "n_episodes", "baseline") if hasattr(section, k)})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = GateSettings(**values)
+    settings.check()
+    return settings
+
+
+def gate_episodes(n_images: int, n_episodes: int, seed: int) -> list[np.ndarray]:
+    """Split image indices 0..n_images-1 into `n_episodes` disjoint, seeded episodes.
+
+    The indices are permuted with `numpy.random.default_rng(seed)` and cut
+    with `numpy.array_split`, so every image is in exactly one episode and
+    episode sizes differ by at most one.
+
+    Returns:
+        One sorted int64 index array per episode.
+    """
+    if n_episodes < 2 or n_episodes > n_images:
+        raise RegistryError(f"promote.n_episodes: must be in [2, {n_images}] (test images), found {n_episodes}")
+    perm = np.random.default_rng(seed).permutation(n_images)
+    return [np.sort(e).astype(np.int64) for e in np.array_split(perm, n_episodes)]
+
+
+def episodes_digest(episodes: list[np.ndarray]) -> str:
+    """SHA-256 over the episode index arrays (identifies the exact held-out episodes)."""
+    h = hashlib.sha256()
+    for e in episodes:
+        h.update(np.asarray(e, dtype="<i8").tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def episode_accuracies(predictions: np.ndarray, labels: np.ndarray, episodes: list[np.ndarray]) -> np.ndarray:
+    """Per-episode accuracy (float64) of per-image predictions."""
+    pred, lab = np.asarray(predictions), np.asarray(labels)
+    if pred.shape != lab.shape:
+        raise RegistryError(f"predictions {pred.shape} and labels {lab.shape} differ in shape")
+    correct = (pred == lab).astype(np.float64)
+    return np.array([correct[e].mean() for e in episodes], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether the challenger passes, with the paired difference it was judged on."""
+
+    promote: bool
+    gain: MeanCI
+    reason: str
+
+
+def decide(challenger_acc: np.ndarray, reference_acc: np.ndarray, margin: float, confidence: float) -> GateDecision:
+    """The gate rule: promote iff mean gain ≥ margin and the paired CI lies above 0.
+
+    Args:
+        challenger_acc, reference_acc: per-episode accuracies on the same episodes, same order.
+        margin: minimum mean gain.
+        confidence: interval level (e.g. 0.95).
+
+    Returns:
+        GateDecision with the paired difference challenger − reference.
+    """
+    gain = paired_difference(challenger_acc, reference_acc, confidence)
+    pct = f"{100 * confidence:g} %"
+    ci = f"[{gain.low:+.4f}, {gain.high:+.4f}]"
+    if not np.isfinite(gain.ci):
+        return GateDecision(False, gain, "the interval cannot be computed (fewer than two episodes)")
+    if gain.mean < margin:
+        return GateDecision(False, gain, f"mean gain {gain.mean:+.4f} is below the margin {margin:.4f} (paired {pct} CI {ci})")
+    if not gain.low > 0:
+        return GateDecision(False, gain, f"paired {pct} CI {ci} of the gain does not exclude 0 (mean {gain.mean:+.4f})")
+    return GateDecision(True, gain, f"mean gain {gain.mean:+.4f} >= margin {margin:.4f} and paired {pct} CI {ci} excludes 0")
+
+
+# --------------------------------------------------------------------------- registry access
+def client_for(root: str | Path):
+    """An MlflowClient on the project store (and the global URI set, for pyfunc loading)."""
+    from mlflow.tracking import MlflowClient
+
+    from metatransfer import tracking
+
+    tracking.configure(root)
+    return MlflowClient(tracking.tracking_uri(root))
+
+
+def _alias_version(client: Any, name: str, alias: str) -> Any | None:
+    """The ModelVersion behind `name@alias`, or None when the model or alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _model_exists(client: Any, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return False
+        raise
+
+
+def champion_history(client: Any, name: str) -> list[str]:
+    """Versions that were champion, oldest first (the `champion_history` tag)."""
+    tags = client.get_registered_model(name).tags or {}
+    return [v for v in tags.get(HISTORY_TAG, "").split(",") if v]
+
+
+def _set_history(client: Any, name: str, history: list[str]) -> None:
+    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+
+
+def register_version(client: Any, model_uri: str, name: str, tags: dict[str, str], description: str,
+                     alias: str | None = CHALLENGER) -> str:
+    """Register `model_uri` as a new version of `name` with tags, description and an alias.
+
+    Returns:
+        The new version number (as a string).
+    """
+    import mlflow
+
+    if not _model_exists(client, name):
+        client.create_registered_model(name, description=f"{name}: see docs/registry.md (aliases champion / challenger)")
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v)[:5000] for k, v in tags.items()})
+    client.update_model_version(name, mv.version, description=description)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return str(mv.version)
+
+
+def validation_table(entry: dict[str, Any]) -> str:
+    """Markdown table of the finetune evidence (target validation accuracy per method)."""
+    lines = ["| method | val acc | best step | chosen |", "|---|---|---|---|"]
+    for method, m in entry.get("methods", {}).items():
+        lines.append(f"| {method} | {m.get('val_acc', float('nan')):.4f} | {m.get('best_step', '')} | "
+                     f"{'yes' if method == entry.get('chosen') else ''} |")
+    return "\n".join(lines)
+
+
+def register_finetune_result(root: str | Path, target: str, entry: dict[str, Any], model_uri: str,
+                             learner_uri: str | None, run_id: str = "") -> dict[str, Any]:
+    """Register a finetune run's shipped model (and its learner) as `challenger` versions.
+
+    Args:
+        root: project root (provenance tags are read from it).
+        target: the target dataset.
+        entry: the selection entry ({"chosen", "reason", "methods": {m: {"val_acc", ...}}}).
+        model_uri: the logged target model (models:/<id>).
+        learner_uri: the logged few-shot learner of the chosen method, or None.
+        run_id: the MLflow run that logged them.
+
+    Returns:
+        {"model": {"name", "version"}, "learner": {"name", "version"} or None}.
+    """
+    client = client_for(root)
+    chosen = entry["chosen"]
+    tags = {
+        **provenance_tags(root), "target": target, "method": chosen, "mlflow_run_id": run_id,
+        "val_acc": f"{entry['methods'][chosen]['val_acc']:.6f}", "selection_reason": entry.get("reason", ""),
+        "validation_table": json.dumps(entry.get("methods", {}), sort_keys=True, default=float),
+    }
+    table = validation_table(entry)
+    out: dict[str, Any] = {"learner": None}
+    if learner_uri:
+        lv = register_version(client, learner_uri, learner_name(target), {**tags, "kind": "few_shot_learner"},
+                              f"Few-shot learner `{chosen}` for `{target}` (adapt on request: support + query).\n\n"
+                              f"Target validation evidence:\n\n{table}\n")
+        out["learner"] = {"name": learner_name(target), "version": lv}
+        tags[LEARNER_TAG] = lv
+    mv = register_version(client, model_uri, model_name(target), {**tags, "kind": "target_model"},
+                          f"Target model for `{target}` fine-tuned from `{chosen}` ({entry.get('reason', '')}).\n\n"
+                          f"Target validation evidence:\n\n{table}\n")
+    out["model"] = {"name": model_name(target), "version": mv}
+    log.info("%s: registered %s v%s%s as %s", target, model_name(target), mv,
+             f" and {learner_name(target)} v{out['learner']['version']}" if out["learner"] else "", CHALLENGER)
+    return out
+
+
+def log_learner_for(method: str, params: Any, root: str | Path, target: str) -> str:
+    """Log the few-shot learner of `method` (inside the active run) and return its model URI.
+
+    For "scratch" (nothing meta-trained on disk) the seeded fresh learner is saved first.
+    """
+    from metatransfer import tracking
+
+    channels, size = params.prepare.channels, params.prepare.image_size
+    folder = Path(root) / "models" / "meta" / method
+    if method != "scratch" and folder.is_dir():
+        return tracking.log_few_shot_model(folder, channels, size, name=f"learner_{target}")
+    from metatransfer.artifacts import save_learner
+    from metatransfer.stages.finetune import load_method
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_learner(load_method(method, params, Path(root)), Path(tmp) / method)
+        return tracking.log_few_shot_model(Path(tmp) / method, channels, size, name=f"learner_{target}")
+
+
+# --------------------------------------------------------------------------- predictions
+def predict_uri(model_uri: str, images: np.ndarray) -> np.ndarray:
+    """Class predictions of a registered/logged pyfunc target model (what serving answers)."""
+    import mlflow
+
+    # A private copy: loading a registered model straight from a local store
+    # writes a metadata file into the store's artifact folder.
+    with tempfile.TemporaryDirectory(prefix="metatransfer-gate-") as tmp:
+        out = mlflow.pyfunc.load_model(model_uri, dst_path=tmp).predict(images)
+    return np.asarray(out["prediction"], dtype=np.int64)
+
+
+def predict_folder(folder: str | Path, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class predictions of a target model saved on disk (the baseline)."""
+    import torch
+
+    from metatransfer.training.finetune import load_target_model
+
+    model = load_target_model(folder)
+    preds = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            preds.append(model(torch.from_numpy(images[i : i + batch_size])).argmax(1).numpy())
+    return np.concatenate(preds).astype(np.int64)
+
+
+def _test_images(params: Any, root: Path, target: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """The target test split as float32 [0, 1] images, labels and its fingerprint."""
+    from metatransfer.data.store import load_split
+    from metatransfer.episodes import split_fingerprint
+
+    split = load_split(root / params.data.prepared_dir, target, "test")
+    images = np.ascontiguousarray(split.images, dtype=np.float32) / np.float32(255.0)
+    return images, split.labels.astype(np.int64), split_fingerprint(split)
+
+
+# --------------------------------------------------------------------------- actions
+@dataclass
+class PromotionResult:
+    """The outcome of one promotion attempt.
+
+    decision: "promoted", "rejected" or "already_champion" ("no_challenger" from promote_targets).
+    """
+
+    target: str
+    name: str
+    decision: str
+    reason: str
+    challenger: str | None = None
+    champion_before: str | None = None
+    champion_after: str | None = None
+    reference: str = ""
+    gain_mean: float | None = None
+    gain_ci_low: float | None = None
+    gain_ci_high: float | None = None
+    run_id: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_dict(self, evidence: bool = False) -> dict[str, Any]:
+        """JSON-ready dict (the per-episode evidence only when asked)."""
+        d = asdict(self)
+        if not evidence:
+            d.pop("evidence")
+        return d
+
+
+@contextlib.contextmanager
+def _parent_run(parent_run_id: str | None) -> Iterator[None]:
+    """Make runs opened inside children of `parent_run_id` (the pipeline run), if given."""
+    from metatransfer.tracking import PARENT_ENV
+
+    if not parent_run_id:
+        yield
+        return
+    saved = os.environ.get(PARENT_ENV)
+    os.environ[PARENT_ENV] = parent_run_id
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = saved
+
+
+def record_decision(root: str | Path, target: str, summary: dict[str, Any]) -> Path:
+    """Store the latest registry decision of `target` in reports/promotion.json (other targets kept).
+
+    Not a DVC output: promotion is a registry action; the HTML report shows this file.
+    """
+    from metatransfer.stages.common import write_json
+
+    path = Path(root) / DECISIONS_PATH
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        data = {}  # a damaged record is rewritten, never a reason to fail a promotion
+    data[target] = summary
+    write_json(path, data)
+    return path
+
+
+def _load_params(root: Path):
+    from metatransfer.config import load_params
+
+    return load_params(root / "params.yaml")
+
+
+def promote(root: str | Path, target: str, settings: GateSettings | None = None,
+            parent_run_id: str | None = None) -> PromotionResult:
+    """Run the gate for `target`'s challenger and move `champion` if it passes.
+
+    The decision and its evidence (per-episode accuracies, episodes, interval)
+    are logged to MLflow as a run named `promote` (tags: decision, target,
+    challenger/champion versions; a JSON artifact `promote/<target>.json`),
+    and summarised as tags on the challenger version.
+
+    Args:
+        root: project root (params.yaml, prepared data, models/target, mlflow store).
+        target: target dataset name.
+        settings: gate settings (default: from params.yaml, see `gate_settings`).
+        parent_run_id: MLflow run the `promote` run becomes a child of (default:
+            $METATRANSFER_PARENT_RUN_ID, else none).
+
+    Returns:
+        PromotionResult.
+
+    Raises:
+        RegistryError: no challenger registered, or the baseline model is missing.
+    """
+    import mlflow
+
+    from metatransfer import tracking
+
+    root = Path(root).resolve()
+    params = _load_params(root)
+    settings = settings or gate_settings(params)
+    settings.check()
+    client = client_for(root)
+    name = model_name(target)
+    challenger = _alias_version(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(
+            f"{name}: no version with alias '{CHALLENGER}' in {tracking.tracking_uri(root)}; "
+            "run the pipeline (`dvc repro` or the `pipeline` flow) so `finetune` registers one")
+    champion = _alias_version(client, name, CHAMPION)
+    cv = str(challenger.version)
+    before = str(champion.version) if champion is not None else None
+    if before == cv:
+        return PromotionResult(target, name, "already_champion", f"version {cv} is already the champion",
+                               cv, before, before, f"champion v{before}")
+
+    images, labels, fingerprint = _test_images(params, root, target)
+    episodes = gate_episodes(len(labels), settings.n_episodes, settings.seed)
+    chall_pred = predict_uri(f"models:/{name}/{cv}", images)
+    if champion is not None:
+        reference = f"champion v{before}"
+        ref_info: dict[str, Any] = {"kind": "champion", "version": before, "method": champion.tags.get("method", "")}
+        ref_pred = predict_uri(f"models:/{name}/{before}", images)
+    else:
+        folder = root / "models" / "target" / target / settings.baseline
+        if not (folder / "config.json").is_file():
+            raise RegistryError(
+                f"{folder}: no baseline target model for the first champion of {name}; add "
+                f"{settings.baseline!r} to finetune.methods and run `dvc repro finetune`, or choose "
+                "another baseline (promote.baseline / --baseline)")
+        reference = f"baseline {settings.baseline}"
+        from metatransfer.artifacts import sha256_file
+
+        ref_info = {"kind": "baseline", "method": settings.baseline, "path": str(folder.relative_to(root)),
+                    "weights_sha256": sha256_file(folder / "model.safetensors")}
+        ref_pred = predict_folder(folder, images)
+    chall_acc = episode_accuracies(chall_pred, labels, episodes)
+    ref_acc = episode_accuracies(ref_pred, labels, episodes)
+    verdict = decide(chall_acc, ref_acc, settings.margin, settings.confidence)
+    decision = "promoted" if verdict.promote else "rejected"
+    after = cv if verdict.promote else before
+    evidence = {
+        "target": target, "model_name": name, "decision": decision, "reason": verdict.reason,
+        "settings": asdict(settings),
+        "challenger": {"version": cv, "method": challenger.tags.get("method", ""), "acc": float(chall_acc.mean())},
+        "reference": {**ref_info, "acc": float(ref_acc.mean())},
+        "episodes": {"split": "test", "n_images": int(len(labels)), "split_fingerprint": fingerprint,
+                     "n_episodes": len(episodes), "seed": settings.seed, "sha256": episodes_digest(episodes),
+                     "indices": [e.tolist() for e in episodes]},
+        "per_episode": {"challenger": chall_acc.tolist(), "reference": ref_acc.tolist(),
+                        "difference": (chall_acc - ref_acc).tolist()},
+        "gain": {"mean": verdict.gain.mean, "ci_low": verdict.gain.low, "ci_high": verdict.gain.high,
+                 "confidence": settings.confidence, "n": verdict.gain.n},
+        "champion_before": before, "champion_after": after,
+    }
+    with _parent_run(parent_run_id), tracking.stage_run("promote", root) as run:
+        mlflow.set_tags({"target": target, "model_name": name, "decision": decision, "challenger_version": cv,
+                         "champion_version": after or "", "previous_champion_version": before or "",
+                         "reference": reference})
+        tracking.log_params({f"promote.{k}": v for k, v in asdict(settings).items()})
+        tracking.log_metrics({"promote/gain_mean": verdict.gain.mean, "promote/gain_ci_low": verdict.gain.low,
+                              "promote/gain_ci_high": verdict.gain.high, "promote/challenger_acc": float(chall_acc.mean()),
+                              "promote/reference_acc": float(ref_acc.mean())})
+        tracking.log_dict(evidence, f"promote/{target}.json")
+        run_id = run.info.run_id
+    if verdict.promote:
+        _move_champion(client, target, cv, challenger.tags.get(LEARNER_TAG))
+        _set_history(client, name, [*champion_history(client, name), cv])
+    for key, value in {"gate_decision": decision, "gate_reference": reference, "gate_gain_mean": f"{verdict.gain.mean:.6f}",
+                       "gate_ci_low": f"{verdict.gain.low:.6f}", "gate_ci_high": f"{verdict.gain.high:.6f}",
+                       "gate_run_id": run_id}.items():
+        client.set_model_version_tag(name, cv, key, value)
+    log.info("%s: challenger v%s %s against %s: %s", name, cv, decision, reference, verdict.reason)
+    result = PromotionResult(target, name, decision, verdict.reason, cv, before, after, reference,
+                             verdict.gain.mean, verdict.gain.low, verdict.gain.high, run_id, evidence)
+    record_decision(root, target, {**result.to_dict(), "confidence": settings.confidence, "margin": settings.margin,
+                                   "n_episodes": settings.n_episodes, "time": _now()})
+    return result
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _move_champion(client: Any, target: str, version: str, learner_version: str | None) -> None:
+    """Point `champion` at `version` (and the learner registered with it, if any)."""
+    client.set_registered_model_alias(model_name(target), CHAMPION, version)
+    if learner_version and _model_exists(client, learner_name(target)):
+        client.set_registered_model_alias(learner_name(target), CHAMPION, learner_version)
+
+
+def promote_targets(root: str | Path, targets: list[str] | None = None, settings: GateSettings | None = None,
+                    missing_ok: bool = False, parent_run_id: str | None = None) -> list[PromotionResult]:
+    """`promote` for several targets (default: finetune.targets from params.yaml).
+
+    Args:
+        parent_run_id: see `promote`.
+        missing_ok: a target without a challenger yields decision "no_challenger" instead of an error
+            (the pipeline flow uses this: a run whose finetune stage was skipped registers nothing).
+    """
+    root = Path(root).resolve()
+    params = _load_params(root)
+    if targets is None:
+        if params.finetune is None:
+            raise RegistryError(f"{root / 'params.yaml'}: no `finetune` section, so no targets; pass --target")
+        targets = list(params.finetune.targets)
+    settings = settings or gate_settings(params)
+    results = []
+    for target in targets:
+        try:
+            results.append(promote(root, target, settings, parent_run_id))
+        except RegistryError as exc:
+            if not missing_ok or "no version with alias" not in str(exc):
+                raise
+            log.warning("%s", exc)
+            results.append(PromotionResult(target, model_name(target), "no_challenger", str(exc)))
+    return results
+
+
+@dataclass
+class RollbackResult:
+    """`champion` moved from `from_version` back to `to_version`."""
+
+    target: str
+    name: str
+    from_version: str
+    to_version: str
+    history: list[str]
+    run_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def rollback(root: str | Path, target: str) -> RollbackResult:
+    """Move `champion` of `target` back to the previous champion.
+
+    The rolled-back version is tagged `rolled_back=true`; if it still holds
+    `challenger`, that alias is removed so the next `promote` does not
+    re-promote it. The learner's `champion` follows. Logged as a run `rollback`.
+
+    Raises:
+        RegistryError: no champion, no previous champion, or the alias and history disagree.
+    """
+    import mlflow
+
+    from metatransfer import tracking
+
+    root = Path(root).resolve()
+    client = client_for(root)
+    name = model_name(target)
+    if not _model_exists(client, name):
+        raise RegistryError(f"{name}: not registered in {tracking.tracking_uri(root)}; nothing to roll back")
+    champion = _alias_version(client, name, CHAMPION)
+    if champion is None:
+        raise RegistryError(f"{name}: has no '{CHAMPION}' alias; nothing to roll back")
+    current = str(champion.version)
+    history = champion_history(client, name)
+    if not history or history[-1] != current:
+        raise RegistryError(
+            f"{name}: '{CHAMPION}' is version {current} but the {HISTORY_TAG} tag is {history or 'empty'}; "
+            "the alias was moved outside `metatransfer promote`. Set the alias back or fix the tag "
+            f"(MlflowClient().set_registered_model_tag({name!r}, {HISTORY_TAG!r}, '...'))")
+    if len(history) < 2:
+        raise RegistryError(
+            f"{name}: version {current} is the first champion; there is no previous champion to roll back to. "
+            f"To withdraw it, delete the alias (MlflowClient().delete_registered_model_alias({name!r}, {CHAMPION!r}))")
+    previous = history[-2]
+    prev_mv = client.get_model_version(name, previous)
+    _move_champion(client, target, previous, prev_mv.tags.get(LEARNER_TAG))
+    _set_history(client, name, history[:-1])
+    client.set_model_version_tag(name, current, "rolled_back", "true")
+    chall = _alias_version(client, name, CHALLENGER)
+    if chall is not None and str(chall.version) == current:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    with tracking.stage_run("rollback", root) as run:
+        mlflow.set_tags({"target": target, "model_name": name, "from_version": current, "to_version": previous})
+        run_id = run.info.run_id
+    log.info("%s: champion rolled back from v%s to v%s", name, current, previous)
+    result = RollbackResult(target, name, current, previous, history[:-1], run_id)
+    record_decision(root, target, {"decision": "rolled_back", "name": name, "champion_before": current,
+                                   "champion_after": previous, "run_id": run_id, "time": _now()})
+    return result
+
+
+def registry_status(root: str | Path, targets: list[str] | None = None) -> dict[str, Any]:
+    """Aliases, champion history and versions of every target's registered models.
+
+    Returns:
+        {target: {name: {"aliases": {alias: version}, "history": [...],
+                         "versions": [{"version", "method", "aliases", "gate_decision", "rolled_back", "created"}]}}}
+    """
+    root = Path(root).resolve()
+    if targets is None:
+        params = _load_params(root)
+        targets = list(params.finetune.targets) if params.finetune else []
+    client = client_for(root)
+    out: dict[str, Any] = {}
+    for target in targets:
+        out[target] = {}
+        for name in (model_name(target), learner_name(target)):
+            if not _model_exists(client, name):
+                out[target][name] = None
+                continue
+            rm = client.get_registered_model(name)
+            aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
+            versions = []
+            for mv in sorted(client.search_model_versions(f"name='{name}'"), key=lambda m: int(m.version)):
+                versions.append({
+                    "version": str(mv.version), "method": mv.tags.get("method", ""),
+                    "aliases": sorted(a for a, v in aliases.items() if v == str(mv.version)),
+                    "gate_decision": mv.tags.get("gate_decision", ""), "rolled_back": mv.tags.get("rolled_back", "") == "true",
+                    "created": int(mv.creation_timestamp or 0),
+                })
+            out[target][name] = {"aliases": aliases, "history": champion_history(client, name), "versions": versions}
+    return out
