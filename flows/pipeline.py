@@ -12,6 +12,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.data import data
+from tasks.recovery import recover_crashed_runs
 from tasks.registry import promote
 from tasks.stages import dvc_status, episodes, evaluate, finetune, meta_train
 from tasks.tracking import begin_run, end_run
@@ -29,6 +30,7 @@ def pipeline(root: str = ".", force: bool = False) -> dict:
         {"ran": stages DVC ran, "mlflow_run_id": the parent run, "dvc_status": {} when clean,
          "promotion": the gate's decision per target}.
     """
+    recover_crashed_runs("pipeline")  # runs left "Running" by a killed process -> Crashed
     run_id = begin_run(root)
     status = "FAILED"
     try:

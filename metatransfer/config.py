@@ -120,6 +120,11 @@ class MetaTrainParams:
     val_episodes: int
     rotation_augment: bool
     hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Crash safety (defaults for params files written before these keys existed):
+    # checkpoint every N steps (0: only at the end) and stop after K consecutive
+    # non-finite steps.
+    checkpoint_every: int = 50
+    max_consecutive_faults: int = 5
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ class FinetuneParams:
     eval_every: int
     patience: int
     force_method: str
+    checkpoint_every: int = 50  # steps between checkpoints (0: only at the end)
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,8 @@ def _check_ranges(p: Params) -> None:
         for key in ("n_way", "k_shot", "n_query", "meta_batch_size", "val_every", "val_episodes"):
             need(getattr(m, key) >= 1, f"meta_train.{key}", f"must be >= 1, found {getattr(m, key)}")
         need(m.steps >= 0, "meta_train.steps", f"must be >= 0, found {m.steps}")
+        need(m.checkpoint_every >= 0, "meta_train.checkpoint_every", f"must be >= 0 (0: only at the end), found {m.checkpoint_every}")
+        need(m.max_consecutive_faults >= 1, "meta_train.max_consecutive_faults", f"must be >= 1, found {m.max_consecutive_faults}")
         need(m.meta_lr > 0, "meta_train.meta_lr", f"must be > 0, found {m.meta_lr}")
         need(m.n_way >= 2, "meta_train.n_way", f"must be >= 2, found {m.n_way}")
         need(len(m.sources) >= 1, "meta_train.sources", "must name at least one source dataset")
@@ -315,7 +323,7 @@ def _check_ranges(p: Params) -> None:
         need(f.train_layers in ("all", "head"), "finetune.train_layers", f"must be 'all' or 'head', found {f.train_layers!r}")
         for key in ("shots_per_class", "batch_size", "eval_every"):
             need(getattr(f, key) >= 1, f"finetune.{key}", f"must be >= 1, found {getattr(f, key)}")
-        for key in ("steps", "patience", "val_per_class"):
+        for key in ("steps", "patience", "val_per_class", "checkpoint_every"):
             need(getattr(f, key) >= 0, f"finetune.{key}", f"must be >= 0, found {getattr(f, key)}")
         need(f.lr > 0, "finetune.lr", f"must be > 0, found {f.lr}")
         known = set(p.meta_train.algorithms if p.meta_train else ()) | {"scratch"}

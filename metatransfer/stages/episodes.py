@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     from metatransfer.stages.common import run_stage
 
     def body(params, root: Path) -> None:
+        from metatransfer import preflight
+
+        preflight.check(params, root)  # every set's N-way and K+Q against the data, before writing any
         out = root / "data" / "episodes"
         out.parent.mkdir(parents=True, exist_ok=True)
         files = build_episode_files(params.episodes, root / params.data.prepared_dir, out, params.seed)

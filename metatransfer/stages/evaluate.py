@@ -26,22 +26,48 @@ from metatransfer.training.finetune import load_target_model
 log = logging.getLogger(__name__)
 
 
+def verify_meta_models(methods: tuple[str, ...], root: Path) -> None:
+    """Check each meta-trained model's weights against the SHA-256 `meta_train` recorded.
+
+    The folders' own checksums.json guard against corruption; this guards against
+    a consistent replacement after training (see metatransfer/artifacts.py).
+
+    Raises:
+        ArtifactError: a weights file differs from the recorded hash.
+    """
+    import json
+
+    from metatransfer.artifacts import verify_weights
+
+    recorded_path = root / "metrics" / "meta_train.json"
+    recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
+    for method in methods:
+        sha = (recorded.get(method) or {}).get("weights_sha256")
+        if sha:
+            verify_weights(root / "models" / "meta" / method, sha)
+
+
 def evaluate_episodes(params: Params, root: Path) -> dict[str, dict[str, dict[int, np.ndarray]]]:
     """Per-episode accuracies: {set: {method: {shots: array}}}."""
     assert params.episodes is not None and params.evaluate is not None
     prepared = root / params.data.prepared_dir
+    verify_meta_models(params.evaluate.methods, root)
     learners = {m: load_method(m, params, root) for m in params.evaluate.methods}
     out: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     for set_name, s in params.episodes.sets.items():
         split = load_split(prepared, s.dataset, s.split)
         out[set_name] = {m: {} for m in learners}
-        for k in s.shots:
-            fe = load_fixed_episodes(episode_path(root / "data" / "episodes", set_name, k))
-            episodes = [fe.materialise(i, split) for i in range(s.n_episodes)]
-            for method, learner in learners.items():
-                torch.manual_seed(params.seed)  # methods with random heads/inits are repeatable
-                out[set_name][method][k] = episode_accuracies(learner, episodes)
-                log.info("%s %d-shot %-12s %.2f%%", set_name, k, method, 100 * out[set_name][method][k].mean())
+        from metatransfer.progress import progress
+
+        with progress(len(s.shots) * s.n_episodes * len(learners), f"evaluate {set_name}", unit="episode") as bar:
+            for k in s.shots:
+                fe = load_fixed_episodes(episode_path(root / "data" / "episodes", set_name, k))
+                episodes = [fe.materialise(i, split) for i in range(s.n_episodes)]
+                for method, learner in learners.items():
+                    torch.manual_seed(params.seed)  # methods with random heads/inits are repeatable
+                    out[set_name][method][k] = episode_accuracies(
+                        learner, episodes, on_episode=lambda i, acc: bar.update(1, acc=acc))
+                    log.info("%s %d-shot %-12s %.2f%%", set_name, k, method, 100 * out[set_name][method][k].mean())
     return out
 
 
@@ -76,9 +102,20 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
         selection = json.loads((root / "models" / "target" / target / "selection.json").read_text())
         out[target] = {"chosen": selection["chosen"], "reason": selection["reason"], "methods": {}}
         for method in params.finetune.methods:
-            model = load_target_model(root / "models" / "target" / target / method)
+            model = load_target_model(root / "models" / "target" / target / method,
+                                      expected_sha256=selection["methods"][method].get("weights_sha256"))
             with torch.no_grad():
-                pred = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)])
+                feats = torch.cat([model.backbone(x[i : i + 512]) for i in range(0, len(x), 512)])
+                pred = model.head(feats).argmax(1)
+            if method == selection["chosen"]:
+                from metatransfer.evaluation.plots import plot_confusion_matrix, plot_embedding_map
+
+                out_dir = root / "plots" / "evaluate"
+                plot_confusion_matrix(test.labels, pred.numpy(), list(test.class_names),
+                                      f"{target}: {method} (shipped), test split", out_dir / f"{target}_confusion.png")
+                plot_embedding_map(feats.numpy(), test.labels, list(test.class_names),
+                                   f"{target}: {method} backbone features (PCA), test split",
+                                   out_dir / f"{target}_embedding.png")
             correct = (pred == y).double().numpy()
             ci = mean_ci(correct, confidence)
             per_class = [float(correct[test.labels == c].mean()) for c in range(len(test.class_names))]
@@ -156,7 +193,13 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         report = root / "reports" / "evaluate.md"
         write_report(report, table, targets, ev.reference, params)
         tracking.log_artifact(report, "report")
+        for png in sorted((root / "plots" / "evaluate").glob("*_confusion.png")) + sorted((root / "plots" / "evaluate").glob("*_embedding.png")):
+            tracking.log_artifact(png, "plots")
         tracking.log_dict(metrics, "metrics/evaluate.json")
+        from metatransfer.report import build_report
+
+        html = build_report(root, params)  # reports/index.html: tables, plots, versions, promotion
+        tracking.log_artifact(html, "report")
     return metrics
 
 

@@ -28,9 +28,15 @@ from metatransfer.artifacts import load_learner
 from metatransfer.config import FinetuneParams, Params
 from metatransfer.data.store import SplitData, load_split
 from metatransfer.stages.meta_train import backbone_spec
+from metatransfer.episodes import split_fingerprint
+from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint, state_digest
 from metatransfer.training.finetune import FinetuneResult, FinetuneSettings, finetune, select_method
 
 log = logging.getLogger(__name__)
+
+# One checkpoint folder per target and method, outside DVC's outputs; removed
+# when the stage has succeeded (see metatransfer/training/checkpoint.py).
+CHECKPOINT_DIR = "checkpoints/finetune"
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
@@ -78,7 +84,15 @@ def finetune_target(
     for method in f.methods:
         learner = load_method(method, params, root)
         sink = sink_factory(method) if sink_factory else None
-        results[method] = finetune(learner, train_x, train_y, val_x, val_y, list(train.class_names), settings, params.seed, sink)
+        ckpt = CheckpointConfig(root / CHECKPOINT_DIR / target / method, f.checkpoint_every, fingerprint({
+            # What must match to resume: the learner's weights, data, finetune params, code.
+            "target": target, "method": method, "seed": params.seed, "finetune": repr(f),
+            "learner": state_digest(learner.state_dict()),
+            "data": [split_fingerprint(train), split_fingerprint(val)],
+            "code": code_digest(("training", "models", "stages/finetune.py")),
+        }))
+        results[method] = finetune(learner, train_x, train_y, val_x, val_y, list(train.class_names), settings,
+                                   params.seed, sink, checkpoint=ckpt)
         log.info("%s/%s: val acc %.4f (best step %d of %d)", target, method, results[method].val_acc,
                  results[method].best_step, results[method].steps_done)
     chosen, reason = select_method({m: r.val_acc for m, r in results.items()}, f.force_method)
@@ -131,6 +145,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             summary[target] = entry
             log.info("%s: ship %s (%s)", target, chosen, reason)
         write_json(root / "metrics" / "finetune.json", summary)
+    clear_checkpoints(root / CHECKPOINT_DIR)  # only now: a kill before this resumes from them
     return summary
 
 

@@ -1,6 +1,13 @@
 """`meta_train` stage: every configured algorithm on source episodes, with a
 validation curve on fixed meta-val episodes; writes `models/meta/<algorithm>/`,
-`metrics/meta_train.json` and `plots/meta_train/`."""
+`metrics/meta_train.json` and `plots/meta_train/`.
+
+Each algorithm checkpoints into `checkpoints/meta_train/<algorithm>/` (outside
+DVC's outputs, which DVC deletes before a re-run) every
+`meta_train.checkpoint_every` steps; re-running the stage after a kill resumes
+every algorithm from its newest checkpoint (a finished algorithm from its
+final one) and the folder is deleted once the stage has succeeded.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +20,20 @@ import torch
 
 from metatransfer.algorithms import build_algorithm
 from metatransfer.artifacts import save_learner
-from metatransfer.config import MetaTrainParams, Params
-from metatransfer.data.store import load_split
-from metatransfer.episodes import build_fixed_episodes
+from metatransfer.config import MetaTrainParams, Params, flatten
+from metatransfer.data.store import SplitData, load_split
+from metatransfer.episodes import build_fixed_episodes, split_fingerprint
 from metatransfer.models import BackboneSpec
+from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint
 from metatransfer.training.meta_train import MetricSink, TrainResult, TrainSettings, meta_train
 from metatransfer.training.sources import mixed_source_sampler
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints/meta_train"
+# The code a checkpoint depends on (the stage's DVC deps): edited code must not
+# resume from weights the old code produced.
+CODE_PATHS = ("algorithms", "models", "episodes.py", "training", "stages/meta_train.py")
 
 
 def backbone_spec(params: Params) -> BackboneSpec:
@@ -33,13 +46,37 @@ def backbone_spec(params: Params) -> BackboneSpec:
     )
 
 
+def checkpoint_fingerprint(algorithm: str, params: Params, splits: list[SplitData]) -> str:
+    """Identity of one algorithm's training run: what must match to resume its checkpoint.
+
+    Covers the seed, backbone, image shape, every meta_train setting except the
+    algorithm list, the checkpoint interval and other algorithms' hparams, the
+    data (split fingerprints) and the training code.
+    """
+    skip = ("meta_train.algorithms", "meta_train.checkpoint_every")
+    keys = {k: v for k, v in flatten(params).items()
+            if (k in ("seed", "prepare.image_size", "prepare.channels") or k.startswith(("model.", "meta_train.")))
+            and k not in skip and (not k.startswith("meta_train.hparams.") or k.startswith(f"meta_train.hparams.{algorithm}."))}
+    return fingerprint({"algorithm": algorithm, "params": keys, "data": [split_fingerprint(s) for s in splits],
+                        "code": code_digest(CODE_PATHS)})
+
+
 def train_one(
     algorithm: str,
     params: Params,
     prepared_dir: Path,
     sink: MetricSink | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
-    """Meta-train one algorithm as configured (core of the stage, no file output)."""
+    """Meta-train one algorithm as configured (core of the stage, no file output).
+
+    Args:
+        algorithm: a name from the algorithm registry.
+        params: the validated params.
+        prepared_dir: the prepared store.
+        sink: optional metric logger.
+        checkpoint_dir: optional; checkpoint there and resume from it (see module doc).
+    """
     m: MetaTrainParams = params.meta_train  # type: ignore[assignment]
     splits = [load_split(prepared_dir, s.dataset, "meta_train") for s in m.sources]
     source = mixed_source_sampler(
@@ -55,19 +92,30 @@ def train_one(
     settings = TrainSettings(
         steps=m.steps, meta_batch_size=m.meta_batch_size, meta_lr=m.meta_lr,
         val_every=m.val_every, time_budget_s=m.time_budget_s,
+        max_consecutive_faults=m.max_consecutive_faults,
     )
-    return meta_train(learner, source.sample, val_episodes, settings, sink=sink)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = CheckpointConfig(
+            folder=checkpoint_dir, every=m.checkpoint_every,
+            fingerprint=checkpoint_fingerprint(algorithm, params, [*splits, val_split]),
+        )
+    from metatransfer.progress import progress
+
+    with progress(m.steps, f"meta_train {algorithm}", unit="step", time_budget_s=m.time_budget_s) as bar:
+        return meta_train(learner, source.sample, val_episodes, settings, sink=sink, checkpoint=ckpt,
+                          on_step=lambda step, loss, acc: bar.update_to(step, loss=loss, acc=acc))
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
     """Train every algorithm, save models, metrics and curves; log to MLflow."""
-    from metatransfer import tracking
-    from metatransfer.config import flatten
+    from metatransfer import preflight, tracking
     from metatransfer.evaluation.plots import plot_curves
     from metatransfer.stages.common import write_json
 
     m = params.meta_train
     assert m is not None
+    preflight.check(params, root)  # shape mistakes fail now, not minutes into training
     prepared = root / params.data.prepared_dir
     models_dir, plots_dir = root / "models" / "meta", root / "plots" / "meta_train"
     summary: dict[str, Any] = {}
@@ -78,8 +126,12 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         for algorithm in m.algorithms:
             with tracking.child_run(f"meta_train/{algorithm}", tags={"algorithm": algorithm, "stage": "meta_train"}):
                 tracking.log_params({f"algorithm": algorithm, **{f"hparams.{k}": v for k, v in (m.hparams.get(algorithm) or {}).items()}})
-                result = train_one(algorithm, params, prepared, sink=tracking.metric_sink())
+                result = train_one(algorithm, params, prepared, sink=tracking.metric_sink(),
+                                   checkpoint_dir=root / CHECKPOINT_DIR / algorithm)
                 sums = save_learner(result.learner, models_dir / algorithm, extra={"best_step": result.best_step})
+                # Recorded in MLflow so a loaded artifact can be checked against the run that made it.
+                tracking.log_params({"weights_sha256": sums["model.safetensors"],
+                                     "resumed_from_step": result.resumed_from if result.resumed_from is not None else "none"})
                 uri = tracking.log_few_shot_model(models_dir / algorithm, params.prepare.channels, params.prepare.image_size,
                                                   name=f"learner_{algorithm}")
                 summary[algorithm] = {
@@ -94,6 +146,8 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         png = plot_curves(curves, "step", "acc", "meta-val accuracy during meta-training", plots_dir / "val_curve.png")
         tracking.log_artifact(png, "plots")
         write_json(root / "metrics" / "meta_train.json", summary)
+    # Only now: a kill before this line resumes every algorithm from its checkpoints.
+    clear_checkpoints(root / CHECKPOINT_DIR)
     return summary
 
 

@@ -11,6 +11,11 @@ Batch norm: learners meta-trained with per-episode batch statistics (MAML
 family) have no running statistics; a served model must not depend on the
 batch it is given, so the target model always tracks running statistics and
 estimates them on the labelled target images before fine-tuning.
+
+With a `CheckpointConfig` the loop saves its full state (weights, Adam
+moments, the mini-batch generator, best weights, curve, global RNG states)
+every N steps and a re-run resumes from the newest checkpoint with the same
+result as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ from metatransfer.algorithms.base import MetaLearner
 from metatransfer.artifacts import load_state, save_state
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec, build_backbone
+from metatransfer.training.checkpoint import (
+    CheckpointConfig,
+    load_latest,
+    load_optimizer_state,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +87,19 @@ def save_target_model(model: TargetModel, folder: str | Path, extra: dict[str, A
     return save_state(model.state_dict(), config, folder)
 
 
-def load_target_model(folder: str | Path) -> TargetModel:
-    """Rebuild a TargetModel saved by `save_target_model` (checksums verified), in eval mode."""
-    state, config = load_state(folder)
+def load_target_model(folder: str | Path, expected_sha256: str | None = None) -> TargetModel:
+    """Rebuild a TargetModel saved by `save_target_model` (checksums verified), in eval mode.
+
+    Args:
+        folder: the model folder.
+        expected_sha256: optional SHA-256 of the weights recorded at training time
+            (selection.json / the MLflow run); a different file is refused.
+
+    Raises:
+        ArtifactError: missing, altered or unsafe (e.g. pickled) files.
+        ConfigError: the folder holds another kind of model.
+    """
+    state, config = load_state(folder, expected_sha256)
     if config.get("kind") != "target_model":
         raise ConfigError(f"{folder}: not a target model (config kind {config.get('kind')!r})")
     model = TargetModel(BackboneSpec(**config["backbone"]), config["class_names"], config["source_algorithm"])
@@ -184,6 +208,7 @@ def finetune(
     settings: FinetuneSettings,
     seed: int,
     sink: Callable[[str, float, int], None] | None = None,
+    checkpoint: CheckpointConfig | None = None,
 ) -> FinetuneResult:
     """Fine-tune a target model initialised from `learner`'s φ.
 
@@ -195,9 +220,14 @@ def finetune(
         settings: steps, lr, batch size, which layers train, patience.
         seed: seeds mini-batch order.
         sink: optional metric logger (name, value, step).
+        checkpoint: optional; save every `checkpoint.every` steps and resume
+            from the newest matching checkpoint in its folder.
 
     Returns:
         FinetuneResult with the best-validation model (the last one without val data).
+
+    Raises:
+        CheckpointError: the checkpoint to resume from is altered or unsafe.
     """
     if settings.train_layers not in ("all", "head"):
         raise ConfigError(f"finetune.train_layers: must be 'all' or 'head', found {settings.train_layers!r}")
@@ -210,10 +240,31 @@ def finetune(
     best_acc = accuracy(model, val_x, val_y) if has_val else -1.0
     best_state, best_step, bad_evals = copy.deepcopy(model.state_dict()), 0, 0
     curve = [{"step": 0, "val_acc": best_acc}] if has_val else []
-    emit("finetune/val_acc", best_acc, 0) if has_val else None
-    step = 0
+    step, stopped = 0, False
+    resumed = load_latest(checkpoint) if checkpoint is not None else None
+    if resumed is not None:
+        st = resumed.state
+        model.load_state_dict(st["model"])
+        load_optimizer_state(optimizer, st["optimizer"])
+        best_state, best_acc, best_step, bad_evals = st["best"], float(st["best_acc"]), int(st["best_step"]), int(st["bad_evals"])
+        curve, step, stopped = list(st["curve"]), int(st["step"]), bool(st["stopped"])
+        gen.set_state(st["generator"])
+        set_rng_state(st["rng"])
+        log.info("%s: fine-tuning resumed from %s (step %d)", learner.name, resumed.path, step)
+    elif has_val:
+        emit("finetune/val_acc", best_acc, 0)
+
+    def snapshot() -> None:
+        if checkpoint is None:
+            return
+        save_checkpoint(checkpoint, step, {
+            "model": model.state_dict(), "optimizer": optimizer_state(optimizer), "best": best_state,
+            "best_acc": best_acc, "best_step": best_step, "bad_evals": bad_evals, "curve": curve,
+            "step": step, "stopped": stopped, "generator": gen.get_state(), "rng": rng_state(),
+        })
+
     loss_fn = nn.CrossEntropyLoss()
-    while step < settings.steps:
+    while not stopped and step < settings.steps:
         model.train()
         if settings.train_layers == "head":
             model.backbone.eval()  # keep φ's statistics when only the head trains
@@ -235,7 +286,12 @@ def finetune(
                 bad_evals += 1
                 if settings.patience and bad_evals >= settings.patience:
                     log.info("%s: early stop at step %d (best %.4f at %d)", learner.name, step, best_acc, best_step)
-                    break
+                    stopped = True
+        if checkpoint is not None and checkpoint.every > 0 and step % checkpoint.every == 0 and not stopped:
+            snapshot()
+    if not (resumed is not None and resumed.state["stopped"]):
+        stopped = True
+        snapshot()  # the finished state: a re-run after a later kill does no steps again
     if has_val:
         model.load_state_dict(best_state)
     else:

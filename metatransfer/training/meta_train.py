@@ -3,8 +3,16 @@
 The loop owns what algorithms should not each re-implement: the outer
 optimizer step, a step and wall-clock budget, the validation curve on fixed
 meta-val episodes with best-model selection, and numerical-fault recovery
-(a non-finite loss or gradient skips the step and restores the last finite
-state; K consecutive faults stop the run with a clear error).
+(a non-finite loss, gradient or updated weight skips the step and restores
+the last finite state; K consecutive faults stop the run with a clear error),
+and crash-safe checkpoints (see `metatransfer.training.checkpoint`): with a
+`CheckpointConfig`, the full training state is saved every N steps and a
+re-run resumes from the newest checkpoint, ending with the same weights as an
+uninterrupted run (on CPU, with a step budget: a time budget is wall-clock).
+
+Faults are detected in the step that produced them: an inner-loop blow-up
+(MAML with an absurd inner learning rate) makes the adapted weights, hence
+the query loss and the meta-gradient, non-finite in that same step.
 """
 
 from __future__ import annotations
@@ -23,6 +31,16 @@ from metatransfer.algorithms.base import MetaLearner
 from metatransfer.episodes import Episode
 from metatransfer.errors import MetatransferError
 from metatransfer.evaluation.episodic import episode_accuracies
+from metatransfer.training.checkpoint import (
+    CheckpointConfig,
+    ResumableSampler,
+    load_latest,
+    load_optimizer_state,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +77,15 @@ class TrainResult:
     faults: int
     history: list[dict[str, float]] = field(default_factory=list)
     val_curve: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None  # the checkpoint step this run resumed from, if any
 
 
 def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def _params_finite(params: Sequence[torch.nn.Parameter]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 def make_optimizer(learner: MetaLearner, lr: float) -> torch.optim.Optimizer:
@@ -80,32 +103,66 @@ def meta_train(
     settings: TrainSettings,
     sink: MetricSink | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
+    checkpoint: CheckpointConfig | None = None,
 ) -> TrainResult:
     """Meta-train `learner` on sampled source episodes; keep the best meta-val weights.
 
     Args:
-        learner: the algorithm (its parameters are θ).
-        sample_episode: returns one source episode per call (seeded sampler).
+        learner: the algorithm (its parameters are θ), freshly built with the
+            same seed when resuming.
+        sample_episode: returns one source episode per call (seeded sampler);
+            a `ResumableSampler` when its position must survive a restart
+            through the source's own state, else it is wrapped (replay).
         val_episodes: fixed meta-val episodes; evaluated every `val_every`
             steps and at the end; empty disables selection (last weights kept).
         settings: steps, meta-batch size, outer lr, time budget.
         sink: optional metric logger (name, value, step).
         on_step: optional callback(step, loss, acc), e.g. a progress bar.
+        checkpoint: optional; save every `checkpoint.every` steps and at the
+            end, and resume from the newest matching checkpoint in its folder.
 
     Returns:
         TrainResult; `learner` is left with the best-validation weights.
 
     Raises:
         NumericalFaultError: `max_consecutive_faults` non-finite steps in a row.
+        CheckpointError: the checkpoint to resume from is altered or unsafe.
     """
     emit = sink or (lambda name, value, step: None)
+    sampler = sample_episode if isinstance(sample_episode, ResumableSampler) else ResumableSampler(sample_episode)
     params = [p for p in learner.parameters() if p.requires_grad]
     optimizer = make_optimizer(learner, settings.meta_lr)
-    start = time.perf_counter()
     result = TrainResult(learner, 0, 0.0, -1.0, 0, 0)
     best_state: dict[str, torch.Tensor] | None = None
+    step, elapsed, finished = 0, 0.0, False
+
+    resumed = load_latest(checkpoint) if checkpoint is not None else None
+    if resumed is not None:
+        st = resumed.state
+        learner.load_state_dict(st["learner"])
+        load_optimizer_state(optimizer, st["optimizer"])
+        best_state = st["best"]
+        step, elapsed, finished = int(st["step"]), float(st["seconds"]), bool(st["final"])
+        result.best_val_acc, result.best_step, result.faults = float(st["best_val_acc"]), int(st["best_step"]), int(st["faults"])
+        result.history, result.val_curve = list(st["history"]), list(st["val_curve"])
+        result.resumed_from = step
+        sampler.restore(st["sampler"])
+        set_rng_state(st["rng"])  # last: restoring the sampler by replay must not disturb it
+        log.info("%s: resumed from checkpoint %s (step %d%s)", learner.name, resumed.path, step, ", finished" if finished else "")
+    start = time.perf_counter() - elapsed
     last_good = (copy.deepcopy(learner.state_dict()), copy.deepcopy(optimizer.state_dict()))
     consecutive = 0
+
+    def snapshot(final: bool) -> None:
+        if checkpoint is None:
+            return
+        save_checkpoint(checkpoint, step, {
+            "learner": learner.state_dict(), "optimizer": optimizer_state(optimizer), "best": best_state,
+            "best_val_acc": result.best_val_acc, "best_step": result.best_step, "faults": result.faults,
+            "step": step, "seconds": time.perf_counter() - start, "final": final,
+            "history": result.history, "val_curve": result.val_curve,
+            "sampler": sampler.state(), "rng": rng_state(),
+        })
 
     def validate(step: int) -> None:
         nonlocal best_state
@@ -119,30 +176,36 @@ def meta_train(
             result.best_val_acc, result.best_step = acc, step
             best_state = copy.deepcopy(learner.state_dict())
 
-    step = 0
-    while step < settings.steps and time.perf_counter() - start < settings.time_budget_s:
+    while not finished and step < settings.steps and time.perf_counter() - start < settings.time_budget_s:
         learner.train()
-        episodes = [sample_episode() for _ in range(settings.meta_batch_size)]
+        episodes = [sampler() for _ in range(settings.meta_batch_size)]
         optimizer.zero_grad(set_to_none=True)
         out = learner.meta_learn(episodes)
-        if not (math.isfinite(out.loss) and _grads_finite(params)):
+        ok = math.isfinite(out.loss) and _grads_finite(params)
+        if ok:
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+            optimizer.step()
+            # Finite gradients can still overflow a weight (a huge step size in an
+            # algorithm's own optimizer): caught here, before it is kept.
+            ok = _params_finite(params)
+        if not ok:
             result.faults += 1
             consecutive += 1
             learner.load_state_dict(last_good[0])
             optimizer.load_state_dict(last_good[1])
             emit("meta_train/nonfinite_skips", float(result.faults), step)
-            log.warning("step %d: non-finite loss or gradient (%s); step skipped, last finite state restored", step, out.loss)
+            log.warning("step %d: non-finite loss, gradient or weight (loss %s); step skipped, last finite state restored",
+                        step + 1, out.loss)
             if consecutive >= settings.max_consecutive_faults:
                 raise NumericalFaultError(
-                    f"{learner.name}: {consecutive} consecutive steps with a non-finite loss or "
-                    f"gradient (last loss {out.loss}) at step {step}. Lower the learning rates "
-                    "(meta_train.meta_lr, meta_train.hparams.<algorithm>.inner_lr) and re-run."
+                    f"{learner.name}: {consecutive} consecutive steps with a non-finite loss, gradient or "
+                    f"weight (last loss {out.loss}) at step {step + 1}; {result.faults} skipped in total "
+                    f"(limit meta_train.max_consecutive_faults={settings.max_consecutive_faults}). Lower the "
+                    f"learning rates (meta_train.meta_lr, meta_train.hparams.{learner.name}.inner_lr) and re-run."
                 )
             continue
         consecutive = 0
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
         step += 1
         # Keeping a copy every step costs a state_dict clone (~0.5 ms for Conv-4).
         last_good = (copy.deepcopy(learner.state_dict()), copy.deepcopy(optimizer.state_dict()))
@@ -153,9 +216,13 @@ def meta_train(
             on_step(step, out.loss, out.acc)
         if step % settings.val_every == 0:
             validate(step)
+        if checkpoint is not None and checkpoint.every > 0 and step % checkpoint.every == 0:
+            snapshot(final=False)
 
     if not result.val_curve or result.val_curve[-1]["step"] != step:
         validate(step)
+    if not finished:
+        snapshot(final=True)  # a re-run after a kill later in the stage skips this algorithm
     if best_state is not None:
         learner.load_state_dict(best_state)
     result.steps_done = step

@@ -1,0 +1,222 @@
+"""Checkpoint files: exact round trip of every state kind, atomic writes that
+survive a crash at any point, refusal of altered or pickled checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metatransfer.artifacts import CHECKSUMS, CONFIG, WEIGHTS, sha256_file
+from metatransfer.training import checkpoint as ck
+from metatransfer.training.checkpoint import (
+    CheckpointConfig,
+    CheckpointError,
+    ResumableSampler,
+    checkpoint_dirs,
+    load_latest,
+    load_optimizer_state,
+    optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+
+def cfg(tmp_path: Path, fp: str = "fp", keep: int = 2) -> CheckpointConfig:
+    return CheckpointConfig(folder=tmp_path / "ck", every=1, fingerprint=fp, keep=keep)
+
+
+def test_every_state_kind_round_trips_exactly(tmp_path: Path) -> None:
+    shared = torch.arange(6.0)
+    state = {
+        "weights": {"a": shared[:3], "b": shared[3:], "scalar": torch.tensor(2.5), "flag": torch.tensor([True, False])},
+        "mt": np.arange(624, dtype=np.uint32) * 7,
+        "tuple": (3, (1, 2), None),
+        "big": 2**127 + 5,  # PCG64 state words are 128-bit integers
+        "floats": [0.1, 1e-300, float("inf")],
+        "nested": [{"step": 1, "loss": 0.25}],
+        "text": "x",
+        "none": None,
+    }
+    save_checkpoint(cfg(tmp_path), 7, state)
+    got = load_latest(cfg(tmp_path))
+    assert got is not None and got.step == 7
+    s = got.state
+    assert torch.equal(s["weights"]["a"], torch.arange(3.0)) and torch.equal(s["weights"]["b"], torch.arange(3.0, 6.0))
+    assert s["weights"]["scalar"].shape == () and float(s["weights"]["scalar"]) == 2.5
+    assert s["weights"]["flag"].dtype == torch.bool
+    assert s["mt"].dtype == np.uint32 and np.array_equal(s["mt"], np.arange(624, dtype=np.uint32) * 7)
+    assert s["tuple"] == (3, (1, 2), None) and isinstance(s["tuple"][1], tuple)
+    assert s["big"] == 2**127 + 5
+    assert s["floats"] == [0.1, 1e-300, float("inf")]
+    assert s["nested"] == [{"step": 1, "loss": 0.25}] and s["text"] == "x" and s["none"] is None
+
+
+def test_non_string_keys_and_objects_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="keys must be strings"):
+        save_checkpoint(cfg(tmp_path), 1, {"state": {0: torch.zeros(1)}})
+    with pytest.raises(TypeError, match="cannot store object"):
+        save_checkpoint(cfg(tmp_path), 1, {"x": object()})
+
+
+def test_global_rng_states_resume_the_same_streams(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.random(), np.random.normal(), torch.rand(2)  # noqa: B018 (move the streams)
+    save_checkpoint(cfg(tmp_path), 1, {"rng": rng_state()})
+    expected = (random.random(), np.random.normal(size=3).tolist(), torch.rand(3).tolist())
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    set_rng_state(load_latest(cfg(tmp_path)).state["rng"])
+    assert (random.random(), np.random.normal(size=3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_optimizer_state_resumes_bit_identically(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.8, 0.95))
+    x = torch.randn(8, 4)
+
+    def step(m: torch.nn.Module, o: torch.optim.Optimizer) -> None:
+        o.zero_grad()
+        m(x).pow(2).sum().backward()
+        o.step()
+
+    for _ in range(3):
+        step(model, opt)
+    save_checkpoint(cfg(tmp_path), 3, {"model": model.state_dict(), "opt": optimizer_state(opt)})
+    for _ in range(2):
+        step(model, opt)
+    fresh = torch.nn.Linear(4, 3)
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=0.1, betas=(0.8, 0.95))
+    st = load_latest(cfg(tmp_path)).state
+    fresh.load_state_dict(st["model"])
+    load_optimizer_state(fresh_opt, st["opt"])
+    assert fresh_opt.param_groups[0]["betas"] == (0.8, 0.95)
+    for _ in range(2):
+        step(fresh, fresh_opt)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_keeps_the_newest_and_same_step_is_replaced(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 3):
+        save_checkpoint(cfg(tmp_path), step, {"v": step})
+    assert [p.name for p in checkpoint_dirs(tmp_path / "ck")] == ["step-000000003", "step-000000002"]
+    assert not [p for p in (tmp_path / "ck").iterdir() if p.name.startswith(".")]
+
+
+def test_crash_before_rename_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_checkpoint(cfg(tmp_path), 1, {"v": torch.ones(3)})
+
+    class Killed(BaseException):
+        pass
+
+    real_replace = os.replace
+
+    def crash(src, dst):  # the process dies between writing the files and renaming them
+        if Path(dst).name.startswith(ck.STEP_PREFIX):
+            raise Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", crash)
+    with pytest.raises(Killed):
+        save_checkpoint(cfg(tmp_path), 2, {"v": torch.full((3,), 2.0)})
+    monkeypatch.undo()
+    # A SIGKILL would also leave the temporary folder: plant one as it would look.
+    leftover = tmp_path / "ck" / ".tmp-step-2-abc"
+    leftover.mkdir()
+    (leftover / WEIGHTS).write_bytes(b"partial")
+    got = load_latest(cfg(tmp_path))
+    assert got.step == 1 and torch.equal(got.state["v"], torch.ones(3))
+    assert not leftover.exists()
+
+
+def test_other_fingerprint_is_discarded_not_resumed(tmp_path: Path) -> None:
+    save_checkpoint(cfg(tmp_path, fp="old settings"), 5, {"v": 1})
+    assert load_latest(cfg(tmp_path, fp="new settings")) is None
+    assert checkpoint_dirs(tmp_path / "ck") == []
+
+
+class Payload:
+    """Unpickling this creates a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def plant_pickle(folder: Path, marker: Path, fix_checksums: bool) -> None:
+    """Replace the weights of a checkpoint/model folder by a malicious pickle."""
+    (folder / WEIGHTS).write_bytes(pickle.dumps(Payload(marker)))
+    if fix_checksums:  # an attacker who also rewrites checksums.json
+        sums = json.loads((folder / CHECKSUMS).read_text())
+        sums[WEIGHTS] = sha256_file(folder / WEIGHTS)
+        (folder / CHECKSUMS).write_text(json.dumps(sums))
+
+
+@pytest.mark.parametrize("fix_checksums", [True, False])
+def test_malicious_pickle_checkpoint_is_refused_without_running_it(tmp_path: Path, fix_checksums: bool) -> None:
+    path = save_checkpoint(cfg(tmp_path), 1, {"v": torch.ones(2)})
+    marker = tmp_path / "marker"
+    plant_pickle(path, marker, fix_checksums)
+    expected = "a Python pickle; refusing to load" if fix_checksums else "checksum mismatch"
+    with pytest.raises(CheckpointError, match=expected) as info:
+        load_latest(cfg(tmp_path))
+    assert "Delete" in str(info.value) and str(tmp_path / "ck") in str(info.value)
+    assert not marker.exists()
+
+
+def test_altered_state_json_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(cfg(tmp_path), 1, {"v": 1})
+    doc = json.loads((path / CONFIG).read_text())
+    doc["state"]["v"] = 2
+    (path / CONFIG).write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_latest(cfg(tmp_path))
+
+
+def test_resumable_sampler_replays_or_uses_the_source_state() -> None:
+    def source():
+        rng = np.random.default_rng(4)
+        return (lambda: float(rng.random())), rng
+
+    sample, _ = source()
+    a = ResumableSampler(sample)
+    [a() for _ in range(5)]
+    saved = a.state()
+    assert saved == {"draws": 5, "inner": None}
+    after = [a() for _ in range(3)]
+    b = ResumableSampler(source()[0])
+    b.restore(saved)
+    assert [b() for _ in range(3)] == after and b.draws == 8
+    # With a state API the position is restored without replay.
+    sample, rng = source()
+    c = ResumableSampler(sample, lambda: rng.bit_generator.state, lambda s: setattr(rng.bit_generator, "state", s))
+    [c() for _ in range(5)]
+    saved = c.state()
+    after = [c() for _ in range(3)]
+    sample2, rng2 = source()
+    d = ResumableSampler(sample2, lambda: rng2.bit_generator.state, lambda s: setattr(rng2.bit_generator, "state", s))
+    d.restore(json.loads(json.dumps(saved)))
+    assert [d() for _ in range(3)] == after
+    with pytest.raises(ValueError, match="freshly built"):
+        a.restore({"draws": 1, "inner": None})
+
+
+def test_state_digest_sees_every_bit_and_name() -> None:
+    from metatransfer.training.checkpoint import state_digest
+
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    same = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    flipped = {"w": torch.tensor([1.0, 2.0000002]), "n": torch.tensor(3)}
+    renamed = {"v": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    assert state_digest(a) == state_digest(same)
+    assert len({state_digest(a), state_digest(flipped), state_digest(renamed)}) == 3

@@ -1,0 +1,242 @@
+"""The meta-training loop: numerical-fault recovery (outer and inner loop) and
+bit-identical resume from checkpoints after a crash."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from metatransfer.algorithms import build_algorithm
+from metatransfer.algorithms.base import StepResult
+from metatransfer.algorithms.protonet import ProtoNet
+from metatransfer.data.store import SplitData
+from metatransfer.episodes import Episode, EpisodeSampler
+from metatransfer.models import BackboneSpec
+from metatransfer.training.checkpoint import CheckpointConfig, checkpoint_dirs
+from metatransfer.training.meta_train import NumericalFaultError, TrainSettings, meta_train
+
+TINY = BackboneSpec(name="conv4", in_channels=1, image_size=16, hidden=4)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def split(seed: int = 0, classes: int = 12, per_class: int = 6) -> SplitData:
+    rng = np.random.default_rng(seed)
+    return SplitData(
+        dataset="synthetic", split="meta_train",
+        images=rng.integers(0, 256, (classes * per_class, 1, 16, 16), dtype=np.uint8),
+        labels=np.repeat(np.arange(classes), per_class),
+        class_names=tuple(f"c{i}" for i in range(classes)),
+    )
+
+
+def sampler(seed: int = 0) -> EpisodeSampler:
+    return EpisodeSampler(split(), n_way=3, k_shot=1, n_query=2, seed=seed)
+
+
+def val_episodes() -> list[Episode]:
+    s = EpisodeSampler(split(1), n_way=3, k_shot=1, n_query=2, seed=5)
+    return [s.sample() for _ in range(2)]
+
+
+def settings(**kw) -> TrainSettings:
+    base = dict(steps=6, meta_batch_size=2, meta_lr=1e-2, val_every=2, max_consecutive_faults=3)
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float, int]] = []
+
+    def __call__(self, name: str, value: float, step: int) -> None:
+        self.rows.append((name, value, step))
+
+    def of(self, name: str) -> list[tuple[float, int]]:
+        return [(v, s) for n, v, s in self.rows if n == name]
+
+
+class FaultyProtoNet(ProtoNet):
+    """ProtoNet whose meta_learn call numbers in `nan_loss` return a NaN loss and
+    in `nan_grad` leave a NaN gradient (with a finite loss)."""
+
+    def __init__(self, *a, nan_loss=(), nan_grad=(), **kw) -> None:
+        super().__init__(*a, **kw)
+        self.calls, self.nan_loss, self.nan_grad = 0, set(nan_loss), set(nan_grad)
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def meta_learn(self, episodes: Sequence[Episode]) -> StepResult:
+        self.calls += 1
+        self.seen.append(copy.deepcopy(self.state_dict()))
+        out = super().meta_learn(episodes)
+        if self.calls in self.nan_grad:
+            next(self.parameters()).grad.view(-1)[0] = float("nan")
+        if self.calls in self.nan_loss:
+            return StepResult(float("nan"), out.acc)
+        return out
+
+
+def faulty(**kw) -> FaultyProtoNet:
+    torch.manual_seed(0)
+    return FaultyProtoNet(backbone=TINY, n_way=3, hparams=ProtoNet.hparams_class(), **kw)
+
+
+def test_nan_loss_and_nan_grad_are_skipped_and_state_restored() -> None:
+    learner = faulty(nan_loss={2}, nan_grad={4})
+    sink = Recorder()
+    result = meta_train(learner, sampler().sample, [], settings(steps=4), sink=sink)
+    assert learner.calls == 6 and result.steps_done == 4 and result.faults == 2
+    # The call after a faulty one starts from exactly the state before it.
+    for bad in (2, 4):
+        for k, v in learner.seen[bad - 1].items():
+            assert torch.equal(learner.seen[bad][k], v), k
+    assert sink.of("meta_train/nonfinite_skips") == [(1.0, 1), (2.0, 2)]
+    assert [s for _, s in sink.of("meta_train/loss")] == [1, 2, 3, 4]
+    assert all(math.isfinite(v) for v, _ in sink.of("meta_train/loss"))
+
+
+def test_k_consecutive_faults_stop_with_a_clear_error() -> None:
+    learner = faulty(nan_loss={3, 4, 5})
+    with pytest.raises(NumericalFaultError) as info:
+        meta_train(learner, sampler().sample, [], settings(max_consecutive_faults=3))
+    msg = str(info.value)
+    assert "3 consecutive steps" in msg and "at step 3" in msg
+    assert "meta_train.max_consecutive_faults=3" in msg and "meta_train.meta_lr" in msg
+
+
+def test_non_consecutive_faults_do_not_stop_the_run() -> None:
+    learner = faulty(nan_loss={1, 2, 4, 5, 7, 8})  # never 3 in a row
+    result = meta_train(learner, sampler().sample, [], settings(steps=4, max_consecutive_faults=3))
+    assert result.steps_done == 4 and result.faults == 6
+
+
+def test_absurd_inner_lr_is_caught_in_the_first_step_and_stops_after_k() -> None:
+    torch.manual_seed(0)
+    learner = build_algorithm("maml", TINY, 3, {"inner_lr": 1e30, "inner_steps": 1})
+    before = copy.deepcopy(learner.state_dict())
+    sink = Recorder()
+    with pytest.raises(NumericalFaultError, match="2 consecutive steps .* at step 1;"):
+        meta_train(learner, sampler().sample, [], settings(max_consecutive_faults=2), sink=sink)
+    assert sink.of("meta_train/nonfinite_skips") == [(1.0, 0), (2.0, 0)]  # no step ever completed
+    assert sink.of("meta_train/loss") == []
+    for k, v in before.items():
+        assert torch.equal(learner.state_dict()[k], v), k
+
+
+def test_inner_loop_fault_is_detected_in_the_same_step() -> None:
+    """A NaN in one episode's support set poisons only MAML's inner loop (adapted
+    weights); the outer step that used it is the one skipped."""
+    torch.manual_seed(0)
+    learner = build_algorithm("maml", TINY, 3, {"inner_lr": 0.1, "inner_steps": 1})
+    base = sampler()
+    draws = {"n": 0}
+
+    def poisoned() -> Episode:
+        draws["n"] += 1
+        ep = base.sample()
+        if draws["n"] == 5:  # the first episode of step 3 (meta-batch 2)
+            sx = ep.support_x.clone()
+            sx[0, 0, 0, 0] = float("nan")
+            ep = Episode(sx, ep.support_y, ep.query_x, ep.query_y, ep.n_way, ep.classes)
+        return ep
+
+    sink = Recorder()
+    result = meta_train(learner, poisoned, [], settings(steps=4), sink=sink)
+    assert result.faults == 1 and result.steps_done == 4
+    assert sink.of("meta_train/nonfinite_skips") == [(1.0, 2)]  # after 2 good steps, i.e. in step 3
+    assert all(torch.isfinite(p).all() for p in learner.parameters())
+
+
+class Crash(Exception):
+    pass
+
+
+def train(algorithm: str, ck: CheckpointConfig | None, crash_at: int | None = None, steps: int = 7):
+    torch.manual_seed(0)
+    learner = build_algorithm(algorithm, TINY, 3, {}, num_classes=12)
+
+    def on_step(step: int, loss: float, acc: float) -> None:
+        if crash_at is not None and step == crash_at:
+            raise Crash
+
+    return meta_train(learner, sampler().sample, val_episodes(), settings(steps=steps), on_step=on_step, checkpoint=ck)
+
+
+def strip_seconds(curve: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in curve]
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "maml", "baselinepp"])
+def test_crash_and_resume_is_bit_identical(tmp_path: Path, algorithm: str) -> None:
+    ref = train(algorithm, None)
+    ck = CheckpointConfig(tmp_path / algorithm, every=2, fingerprint="f")
+    with pytest.raises(Crash):
+        train(algorithm, ck, crash_at=5)  # checkpoints at 2 and 4; step 5 is lost
+    assert [p.name for p in checkpoint_dirs(ck.folder)] == ["step-000000004", "step-000000002"]
+    resumed = train(algorithm, ck)
+    assert resumed.resumed_from == 4 and resumed.steps_done == 7
+    for (k, a), b in zip(ref.learner.state_dict().items(), resumed.learner.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert resumed.history == ref.history
+    assert strip_seconds(resumed.val_curve) == strip_seconds(ref.val_curve)
+    assert (resumed.best_step, resumed.best_val_acc) == (ref.best_step, ref.best_val_acc)
+
+
+def test_resume_from_final_checkpoint_does_no_steps(tmp_path: Path) -> None:
+    ck = CheckpointConfig(tmp_path / "p", every=3, fingerprint="f")
+    first = train("protonet", ck)
+    assert [p.name for p in checkpoint_dirs(ck.folder)] == ["step-000000007", "step-000000006"]
+    sink = Recorder()
+    torch.manual_seed(0)
+    learner = build_algorithm("protonet", TINY, 3, {})
+    again = meta_train(learner, sampler().sample, val_episodes(), settings(steps=7), sink=sink, checkpoint=ck)
+    assert again.resumed_from == 7 and sink.rows == []  # nothing trained or validated again
+    for a, b in zip(first.learner.state_dict().values(), again.learner.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_of_other_settings_is_not_resumed(tmp_path: Path) -> None:
+    train("protonet", CheckpointConfig(tmp_path / "p", every=2, fingerprint="lr=0.1"), steps=4)
+    result = train("protonet", CheckpointConfig(tmp_path / "p", every=2, fingerprint="lr=0.2"), steps=4)
+    assert result.resumed_from is None and result.steps_done == 4
+
+
+def test_finetune_crash_and_resume_is_bit_identical(tmp_path: Path) -> None:
+    from metatransfer.training.finetune import FinetuneSettings, finetune
+
+    torch.manual_seed(0)
+    learner = build_algorithm("protonet", TINY, 3, {})
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(18, 1, 16, 16, generator=gen), torch.arange(3).repeat(6)
+    vx, vy = torch.rand(9, 1, 16, 16, generator=gen), torch.arange(3).repeat(3)
+    st = FinetuneSettings(steps=9, lr=1e-2, batch_size=6, train_layers="all", eval_every=2, patience=0)
+
+    def run(ck: CheckpointConfig | None, crash_at: int | None = None):
+        def sink(name: str, value: float, step: int) -> None:
+            if crash_at is not None and name == "finetune/loss" and step == crash_at:
+                raise Crash
+
+        return finetune(learner, x, y, vx, vy, ["a", "b", "c"], st, seed=3, sink=sink, checkpoint=ck)
+
+    ref = run(None)
+    ck = CheckpointConfig(tmp_path / "ft", every=3, fingerprint="f")
+    with pytest.raises(Crash):
+        run(ck, crash_at=5)
+    assert [p.name for p in checkpoint_dirs(ck.folder)] == ["step-000000003"]
+    resumed = run(ck)
+    for (k, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert (resumed.val_acc, resumed.best_step, resumed.steps_done, resumed.curve) == \
+        (ref.val_acc, ref.best_step, ref.steps_done, ref.curve)
