@@ -1,5 +1,8 @@
-"""`metatransfer`: registry actions and serving from the command line.
+"""`metatransfer`: the pipeline, registry actions, serving and UIs from the command line.
 
+    metatransfer run      [--stage S ...] [--prefect] [--force]
+    metatransfer report
+    metatransfer ui       {mlflow,prefect,report} [--port P] [--open]
     metatransfer promote  [--target T ...] [--margin M] [--confidence C] [--n-episodes N] [--baseline METHOD]
     metatransfer rollback --target T
     metatransfer status   [--target T ...] [--json]
@@ -41,11 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
         prog="metatransfer",
-        description="Model registry actions (promote, rollback, status) and serving for a metatransfer project.",
+        description="Run the pipeline, promote/roll back/serve models and open the UIs of a metatransfer project.",
     )
     parser.add_argument("--root", default=".", help="project root holding params.yaml (default: .)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (all stages, or some) with dvc repro or the Prefect flow",
+                         description="Reproduce the pipeline: `dvc repro` (default) runs what changed; --prefect runs "
+                                     "the Prefect `pipeline` flow instead (same stages, same dvc.lock, plus promotion). "
+                                     "Exit code 0 when every stage succeeded, 1 otherwise.")
+    run.add_argument("--stage", action="append", choices=["fetch", "prepare", "episodes", "meta_train", "finetune", "evaluate"],
+                     help="stage to reproduce with its upstream stages (repeatable; default: all)")
+    run.add_argument("--prefect", action="store_true", help="run the Prefect `pipeline` flow (all stages)")
+    run.add_argument("--force", action="store_true", help="re-run even if nothing changed")
+
+    rep = sub.add_parser("report", help="build reports/index.html from the latest metrics, plots and models",
+                         description="Build the self-contained HTML report (tables with CIs, plots, data and model "
+                                     "versions, the promotion decision) and print its path.")
+    rep.add_argument("--params", default="params.yaml", help="params file relative to --root (default: params.yaml)")
+
+    ui = sub.add_parser("ui", help="start the MLflow or Prefect UI on loopback, or open the report",
+                        description="Start `mlflow server` on the project store or `prefect server start` on "
+                                    "127.0.0.1 and print the URL (Ctrl-C stops it); `report` builds and opens the report.")
+    ui.add_argument("kind", choices=["mlflow", "prefect", "report"], help="which UI")
+    ui.add_argument("--port", type=int, help="port (default: a free one)")
+    ui.add_argument("--open", action="store_true", help="open it in the default browser")
 
     p = sub.add_parser("promote", help="run the promotion gate: challenger vs champion (or the baseline)",
                        description="Evaluate each target's `challenger` and current `champion` (or, with no champion, "
@@ -175,7 +199,40 @@ def cmd_serve(args: argparse.Namespace, root: Path) -> int:
     return EXIT_OK  # not reached
 
 
-COMMANDS = {"promote": cmd_promote, "rollback": cmd_rollback, "status": cmd_status, "serve": cmd_serve}
+def cmd_run(args: argparse.Namespace, root: Path) -> int:
+    """`run`: `dvc repro [stages]` or the Prefect `pipeline` flow, in `root`; streams their output."""
+    import subprocess
+
+    env = dict(os.environ, **TOOL_ENV)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if args.prefect:
+        if args.stage:
+            print("metatransfer run: --prefect runs every stage; drop --stage or use dvc", file=sys.stderr)
+            return EXIT_USAGE
+        code = f"from flows.pipeline import pipeline; pipeline(root='.', force={bool(args.force)})"
+        cmd = [sys.executable, "-c", code]
+    else:
+        cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if args.force else []), *(args.stage or [])]
+    return EXIT_OK if subprocess.run(cmd, cwd=root, env=env).returncode == 0 else EXIT_USER
+
+
+def cmd_report(args: argparse.Namespace, root: Path) -> int:
+    """`report`: build reports/index.html and print its path."""
+    from metatransfer.config import load_params
+    from metatransfer.report import build_report
+
+    print(build_report(root, load_params(root / args.params)))
+    return EXIT_OK
+
+
+def cmd_ui(args: argparse.Namespace, root: Path) -> int:
+    """`ui`: serve a UI until Ctrl-C (or build and open the report)."""
+    from metatransfer.report import run_ui
+
+    return run_ui(args.kind, port=args.port, root=root, open_browser=args.open)
+
+
+COMMANDS = {"run": cmd_run, "report": cmd_report, "ui": cmd_ui, "promote": cmd_promote, "rollback": cmd_rollback, "status": cmd_status, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
