@@ -287,6 +287,16 @@ def _requirements() -> list[str]:
     ]
 
 
+def _quiet_model_logging() -> None:
+    """MLflow's advice to models-from-code authors (type hints, input examples) is
+    noise here: the signature is given explicitly and inputs are validated by
+    metatransfer/serving/inputs.py."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method")
+    warnings.filterwarnings("ignore", message=r".*An input example was not provided")
+
+
 def log_target_model(folder: str | Path, channels: int, size: int, n_classes: int, name: str = "target_model",
                      registered_model_name: str | None = None) -> str:
     """Log a fine-tuned target model (safetensors folder) as a pyfunc model with a signature.
@@ -300,6 +310,8 @@ def log_target_model(folder: str | Path, channels: int, size: int, n_classes: in
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     from metatransfer.serving import target_model
+
+    _quiet_model_logging()
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, channels, size, size), "images")]),
@@ -326,6 +338,8 @@ def log_few_shot_model(folder: str | Path, channels: int, size: int, name: str =
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     from metatransfer.serving import few_shot_model
+
+    _quiet_model_logging()
 
     signature = ModelSignature(
         inputs=Schema([
