@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,23 +23,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["fetch", "prepare", "episodes", "meta_train", "finetune", "evaluate"]
-
-
-def make_project(dest: Path, params: dict) -> dict[str, str]:
-    shutil.copytree(ROOT / "metatransfer", dest / "metatransfer", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", dest / "dvc.yaml")
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_HOME=str(dest / ".prefect"),
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b")
-    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
-    return env
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
@@ -56,7 +38,7 @@ def main() -> None:
     parser.add_argument("--default", action="store_true", help="use the project's params.yaml as is")
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "datasets"))
     args = parser.parse_args()
-    from metatransfer.quick import quick_params
+    from metatransfer.quick import make_project, project_env, quick_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["mirror"] = args.mirror
@@ -64,7 +46,8 @@ def main() -> None:
         params = quick_params(params, args.mirror)
     with tempfile.TemporaryDirectory(prefix="bench_orch_") as tmp:
         dest = Path(tmp)
-        env = make_project(dest, params)
+        make_project(dest, params, ROOT)
+        env = project_env(dest)
         timed([sys.executable, "-m", "dvc", "repro"], dest, env)  # warm caches, fill data/
         direct = sum(timed([sys.executable, "-m", f"metatransfer.stages.{s}"], dest, env) for s in STAGES)
         dvc = timed([sys.executable, "-m", "dvc", "repro", "-f"], dest, env)

@@ -50,7 +50,8 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or folder (a folder's fsync makes a rename inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -91,7 +92,7 @@ def save_state(state: dict[str, torch.Tensor], config: dict[str, Any], folder: s
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_path(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sums

@@ -34,3 +34,49 @@ def quick_params(params: dict[str, Any], mirror: str | Path | None = None) -> di
                          val_per_class=10, shots_per_class=5, force_method="")
     p["evaluate"].update(methods=["protonet", "fomaml", "scratch"], reference="scratch")
     return p
+
+
+def project_env(dest: Path) -> dict[str, str]:
+    """Environment for the processes of a scratch project: its own MLflow store
+    (the default sqlite file in `dest`), its own Prefect home, telemetry off,
+    this interpreter first on PATH."""
+    import os
+    import sys
+
+    env = dict(os.environ)
+    env.update(
+        DO_NOT_TRACK="true", MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_HOME=str(Path(dest) / ".prefect"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=env.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t",
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("METATRANSFER_PARENT_RUN_ID", None)
+    return env
+
+
+def make_project(dest: Path, params: dict[str, Any], code_root: Path) -> Path:
+    """A fresh scratch project: `code_root`'s library and dvc.yaml, the given
+    params, git and DVC initialised (telemetry off) and one commit.
+
+    Used by the integration tests and the orchestration benchmark.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(Path(code_root) / "metatransfer", dest / "metatransfer", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(Path(code_root) / "dvc.yaml", dest / "dvc.yaml")
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = project_env(dest)
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                [sys.executable, "-m", "dvc", "config", "core.check_update", "false"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "scratch project"]):
+        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True, text=True)
+    return dest

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from metatransfer.artifacts import CHECKSUMS, CONFIG, WEIGHTS, ArtifactError, load_state, sha256_file
+from metatransfer.artifacts import CHECKSUMS, CONFIG, WEIGHTS, ArtifactError, fsync_path, load_state, sha256_file
 from metatransfer.episodes import Episode
 
 log = logging.getLogger(__name__)
@@ -246,14 +246,6 @@ class ResumableSampler:
 
 
 # --------------------------------------------------------------------------- files
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _step_of(path: Path) -> int:
     try:
         return int(path.name[len(STEP_PREFIX):])
@@ -307,7 +299,7 @@ def save_checkpoint(config: CheckpointConfig, step: int, state: dict[str, Any]) 
         sums = {name: sha256_file(tmp / name) for name in (WEIGHTS, CONFIG)}
         (tmp / CHECKSUMS).write_text(json.dumps(sums, sort_keys=True))
         for name in (WEIGHTS, CONFIG, CHECKSUMS):
-            _fsync_path(tmp / name)
+            fsync_path(tmp / name)
         pause = float(os.environ.get(TEST_SLEEP_ENV, "0") or 0)
         if pause > 0:
             time.sleep(pause)
@@ -315,7 +307,7 @@ def save_checkpoint(config: CheckpointConfig, step: int, state: dict[str, Any]) 
         if final.exists():  # the end-of-run checkpoint can share a step with a periodic one
             _discard(final)
         os.replace(tmp, final)
-        _fsync_path(folder)
+        fsync_path(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoint_dirs(folder)[max(1, config.keep):]:
