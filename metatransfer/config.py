@@ -125,6 +125,12 @@ class MetaTrainParams:
     # non-finite steps.
     checkpoint_every: int = 50
     max_consecutive_faults: int = 5
+    # Speed/accuracy levers (see metatransfer.training.meta_train.TrainSettings):
+    # "constant" or "cosine" outer learning rate over the budget, "fp32" or
+    # "bf16" autocast for the training step, channels-last 4-D weights.
+    lr_schedule: str = "constant"
+    precision: str = "fp32"
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,10 @@ def _check_ranges(p: Params) -> None:
         need(m.checkpoint_every >= 0, "meta_train.checkpoint_every", f"must be >= 0 (0: only at the end), found {m.checkpoint_every}")
         need(m.max_consecutive_faults >= 1, "meta_train.max_consecutive_faults", f"must be >= 1, found {m.max_consecutive_faults}")
         need(m.meta_lr > 0, "meta_train.meta_lr", f"must be > 0, found {m.meta_lr}")
+        need(m.lr_schedule in ("constant", "cosine"), "meta_train.lr_schedule",
+             f"must be one of ['constant', 'cosine'], found {m.lr_schedule!r}")
+        need(m.precision in ("fp32", "bf16"), "meta_train.precision",
+             f"must be one of ['fp32', 'bf16'], found {m.precision!r}")
         need(m.n_way >= 2, "meta_train.n_way", f"must be >= 2, found {m.n_way}")
         need(len(m.sources) >= 1, "meta_train.sources", "must name at least one source dataset")
         need(all(s.weight > 0 for s in m.sources), "meta_train.sources", "every weight must be > 0")

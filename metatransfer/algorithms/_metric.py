@@ -195,7 +195,9 @@ def embed_episodes(
         images += [ep.support_x, ep.query_x]
         sizes += [ep.support_x.shape[0], ep.query_x.shape[0]]
     batch = torch.cat(images).to(device=device, dtype=dtype)
-    parts = embed(batch).split(sizes)
+    # Under bfloat16 autocast the backbone returns bfloat16; distances and
+    # prototypes are computed back in the model's precision.
+    parts = embed(batch).to(dtype).split(sizes)
     return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(episodes))]
 
 

@@ -93,6 +93,7 @@ def train_one(
         steps=m.steps, meta_batch_size=m.meta_batch_size, meta_lr=m.meta_lr,
         val_every=m.val_every, time_budget_s=m.time_budget_s,
         max_consecutive_faults=m.max_consecutive_faults,
+        lr_schedule=m.lr_schedule, precision=m.precision, channels_last=m.channels_last,
     )
     ckpt = None
     if checkpoint_dir is not None:

@@ -63,6 +63,48 @@ class TrainSettings:
     time_budget_s: float = math.inf
     max_consecutive_faults: int = 5
     grad_clip: float = 10.0
+    # "constant", or "cosine": the outer learning rate follows a half cosine
+    # from meta_lr to 0 over the budget (the larger of steps done / steps and
+    # seconds spent / time_budget_s, so it anneals over whichever ends first).
+    lr_schedule: str = "constant"
+    # "fp32", or "bf16": the meta-training step runs under CPU/CUDA autocast to
+    # bfloat16 (weights, optimizer and evaluation stay float32).
+    precision: str = "fp32"
+    # Train with 4-D weights in channels-last layout (faster oneDNN kernels on
+    # CPU); the returned learner is converted back to the default layout.
+    channels_last: bool = False
+    # Also validate when this many seconds passed since the last validation
+    # (0: by `val_every` steps only); gives time-to-accuracy curves.
+    val_every_s: float = 0.0
+    # False: the validation curve is only recorded, the last weights are kept
+    # (when the validation episodes must not choose the model, e.g. a benchmark
+    # that draws them from the test classes).
+    select_best: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise MetatransferError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, found {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise MetatransferError(f"precision must be one of {list(PRECISIONS)}, found {self.precision!r}")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
+
+
+def budget_fraction(settings: TrainSettings, step: int, seconds: float) -> float:
+    """How much of the run's budget is spent, in [0, 1]: the larger of the step and time fractions."""
+    frac = step / settings.steps if settings.steps > 0 else 1.0
+    if math.isfinite(settings.time_budget_s) and settings.time_budget_s > 0:
+        frac = max(frac, seconds / settings.time_budget_s)
+    return min(max(frac, 0.0), 1.0)
+
+
+def lr_factor(settings: TrainSettings, step: int, seconds: float) -> float:
+    """The multiplier of every base learning rate at this point of the run (1.0 when constant)."""
+    if settings.lr_schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * budget_fraction(settings, step, seconds)))
 
 
 @dataclass
@@ -78,6 +120,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     val_curve: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None  # the checkpoint step this run resumed from, if any
+    train_seconds: float = 0.0  # `seconds` without the time spent validating
 
 
 def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
@@ -130,11 +173,16 @@ def meta_train(
     """
     emit = sink or (lambda name, value, step: None)
     sampler = sample_episode if isinstance(sample_episode, ResumableSampler) else ResumableSampler(sample_episode)
+    if settings.channels_last:
+        learner.to(memory_format=torch.channels_last)
     params = [p for p in learner.parameters() if p.requires_grad]
     optimizer = make_optimizer(learner, settings.meta_lr)
+    base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+    device_type = next((p.device.type for p in params), "cpu")
     result = TrainResult(learner, 0, 0.0, -1.0, 0, 0)
     best_state: dict[str, torch.Tensor] | None = None
     step, elapsed, finished = 0, 0.0, False
+    val_spent = 0.0  # seconds spent validating: not charged to the time budget
 
     resumed = load_latest(checkpoint) if checkpoint is not None else None
     if resumed is not None:
@@ -143,6 +191,7 @@ def meta_train(
         load_optimizer_state(optimizer, st["optimizer"])
         best_state = st["best"]
         step, elapsed, finished = int(st["step"]), float(st["seconds"]), bool(st["final"])
+        val_spent = float(st.get("val_seconds", 0.0))
         result.best_val_acc, result.best_step, result.faults = float(st["best_val_acc"]), int(st["best_step"]), int(st["faults"])
         result.history, result.val_curve = list(st["history"]), list(st["val_curve"])
         result.resumed_from = step
@@ -150,8 +199,13 @@ def meta_train(
         set_rng_state(st["rng"])  # last: restoring the sampler by replay must not disturb it
         log.info("%s: resumed from checkpoint %s (step %d%s)", learner.name, resumed.path, step, ", finished" if finished else "")
     start = time.perf_counter() - elapsed
+    last_val = time.perf_counter()
     last_good = (copy.deepcopy(learner.state_dict()), copy.deepcopy(optimizer.state_dict()))
     consecutive = 0
+
+    def train_seconds() -> float:
+        """Wall seconds of training so far, validation excluded (what the time budget counts)."""
+        return time.perf_counter() - start - val_spent
 
     def snapshot(final: bool) -> None:
         if checkpoint is None:
@@ -159,28 +213,39 @@ def meta_train(
         save_checkpoint(checkpoint, step, {
             "learner": learner.state_dict(), "optimizer": optimizer_state(optimizer), "best": best_state,
             "best_val_acc": result.best_val_acc, "best_step": result.best_step, "faults": result.faults,
-            "step": step, "seconds": time.perf_counter() - start, "final": final,
+            "step": step, "seconds": time.perf_counter() - start, "val_seconds": val_spent, "final": final,
             "history": result.history, "val_curve": result.val_curve,
             "sampler": sampler.state(), "rng": rng_state(),
         })
 
     def validate(step: int) -> None:
-        nonlocal best_state
+        nonlocal best_state, last_val, val_spent
+        began = time.perf_counter()
         if not val_episodes:
+            last_val = began
             return
         accs = episode_accuracies(learner, val_episodes)
         acc = float(np.mean(accs))
-        result.val_curve.append({"step": step, "acc": acc, "seconds": time.perf_counter() - start})
+        last_val = time.perf_counter()
+        val_spent += last_val - began
+        # "seconds": training time when these weights were reached (validation excluded).
+        result.val_curve.append({"step": step, "acc": acc, "seconds": train_seconds()})
         emit("val/acc", acc, step)
         if acc > result.best_val_acc:
             result.best_val_acc, result.best_step = acc, step
-            best_state = copy.deepcopy(learner.state_dict())
+            if settings.select_best:
+                best_state = copy.deepcopy(learner.state_dict())
 
-    while not finished and step < settings.steps and time.perf_counter() - start < settings.time_budget_s:
+    while not finished and step < settings.steps and train_seconds() < settings.time_budget_s:
         learner.train()
         episodes = [sampler() for _ in range(settings.meta_batch_size)]
+        if settings.lr_schedule != "constant":
+            factor = lr_factor(settings, step, train_seconds())
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
         optimizer.zero_grad(set_to_none=True)
-        out = learner.meta_learn(episodes)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+            out = learner.meta_learn(episodes)
         ok = math.isfinite(out.loss) and _grads_finite(params)
         if ok:
             if settings.grad_clip > 0:
@@ -214,7 +279,9 @@ def meta_train(
         emit("meta_train/query_acc", out.acc, step)
         if on_step is not None:
             on_step(step, out.loss, out.acc)
-        if step % settings.val_every == 0:
+        if step % settings.val_every == 0 or (
+            settings.val_every_s > 0 and time.perf_counter() - last_val >= settings.val_every_s
+        ):
             validate(step)
         if checkpoint is not None and checkpoint.every > 0 and step % checkpoint.every == 0:
             snapshot(final=False)
@@ -225,8 +292,11 @@ def meta_train(
         snapshot(final=True)  # a re-run after a kill later in the stage skips this algorithm
     if best_state is not None:
         learner.load_state_dict(best_state)
+    if settings.channels_last:
+        learner.to(memory_format=torch.contiguous_format)
     result.steps_done = step
     result.seconds = time.perf_counter() - start
+    result.train_seconds = train_seconds()
     log.info(
         "%s: %d steps in %.1f s, best val acc %.4f at step %d, %d skipped faults",
         learner.name, step, result.seconds, result.best_val_acc, result.best_step, result.faults,

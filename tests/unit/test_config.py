@@ -139,3 +139,15 @@ def test_episode_set_ranges(raw: dict) -> None:
     raw["episodes"]["sets"]["omniglot_test"]["shots"] = [0, 5]
     with pytest.raises(ConfigError, match=r"episodes.sets.omniglot_test.shots: must be a non-empty list"):
         params_from_mapping(raw)
+
+
+def test_training_levers_default_off_and_are_validated(raw: dict) -> None:
+    p = params_from_mapping(copy.deepcopy(raw))
+    assert (p.meta_train.lr_schedule, p.meta_train.precision, p.meta_train.channels_last) == ("constant", "fp32", False)
+    raw["meta_train"]["precision"] = "fp16"
+    with pytest.raises(ConfigError, match=r"meta_train.precision.*must be one of \['fp32', 'bf16'\], found 'fp16'"):
+        params_from_mapping(copy.deepcopy(raw))
+    raw["meta_train"]["precision"] = "bf16"
+    raw["meta_train"]["lr_schedule"] = "linear"
+    with pytest.raises(ConfigError, match=r"meta_train.lr_schedule.*found 'linear'"):
+        params_from_mapping(raw)

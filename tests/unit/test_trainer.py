@@ -240,3 +240,90 @@ def test_finetune_crash_and_resume_is_bit_identical(tmp_path: Path) -> None:
         assert torch.equal(a, b), k
     assert (resumed.val_acc, resumed.best_step, resumed.steps_done, resumed.curve) == \
         (ref.val_acc, ref.best_step, ref.steps_done, ref.curve)
+
+
+# --------------------------------------------------------------- speed/accuracy levers
+class UnitGradProtoNet(ProtoNet):
+    """A ProtoNet whose step sets every gradient to 1 and whose outer optimizer is
+    plain SGD, so each step moves every weight by exactly the current learning rate."""
+
+    def meta_learn(self, episodes: Sequence[Episode]) -> StepResult:
+        for p in self.parameters():
+            p.grad = torch.ones_like(p)
+        return StepResult(1.0, 0.5)
+
+    def outer_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=lr)
+
+
+def test_cosine_schedule_anneals_the_outer_lr_over_the_step_budget() -> None:
+    torch.manual_seed(0)
+    learner = UnitGradProtoNet(TINY, 3, ProtoNet.hparams_class())
+    weight = learner.backbone.encoder[0][0].weight
+    seen = [weight.detach().clone()]
+    meta_train(learner, sampler().sample, [], settings(steps=4, meta_lr=0.1, grad_clip=0.0, lr_schedule="cosine"),
+               on_step=lambda step, loss, acc: seen.append(weight.detach().clone()))
+    moves = [float((a - b).mean()) for a, b in zip(seen, seen[1:])]
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]  # 0.1, 0.0854, 0.05, 0.0146
+    assert moves == pytest.approx(expected, rel=1e-5)
+
+
+def test_lr_factor_follows_whichever_budget_ends_first() -> None:
+    from metatransfer.training.meta_train import lr_factor
+
+    s = TrainSettings(steps=100, meta_batch_size=1, meta_lr=1e-3, val_every=10, time_budget_s=60.0, lr_schedule="cosine")
+    assert lr_factor(s, 0, 0.0) == 1.0
+    assert lr_factor(s, 50, 1.0) == pytest.approx(0.5)       # half the steps
+    assert lr_factor(s, 1, 30.0) == pytest.approx(0.5)       # half the time
+    assert lr_factor(s, 100, 90.0) == pytest.approx(0.0)     # clamped at the end
+    assert lr_factor(settings(), 3, 1e9) == 1.0              # constant ignores the budget
+
+
+def test_bad_schedule_or_precision_is_refused_by_name() -> None:
+    from metatransfer.errors import MetatransferError
+
+    with pytest.raises(MetatransferError, match=r"lr_schedule must be one of \['constant', 'cosine'\], found 'step'"):
+        settings(lr_schedule="step")
+    with pytest.raises(MetatransferError, match=r"precision must be one of \['fp32', 'bf16'\], found 'fp16'"):
+        settings(precision="fp16")
+
+
+def test_bf16_channels_last_training_returns_a_float32_contiguous_learner(tmp_path: Path) -> None:
+    from metatransfer.artifacts import save_learner
+
+    torch.manual_seed(0)
+    learner = ProtoNet(TINY, 3, ProtoNet.hparams_class())
+    before = copy.deepcopy(learner.state_dict())
+    result = meta_train(learner, sampler().sample, val_episodes(), settings(precision="bf16", channels_last=True))
+    assert result.steps_done == 6 and result.faults == 0
+    state = learner.state_dict()
+    assert all(v.dtype == before[k].dtype and v.is_contiguous() for k, v in state.items())
+    assert any(not torch.equal(v, before[k]) for k, v in state.items())  # it did train
+    save_learner(learner, tmp_path / "m")  # safetensors refuses non-contiguous tensors
+
+
+def test_select_best_false_keeps_the_last_weights() -> None:
+    def run(val, select_best):
+        torch.manual_seed(0)
+        learner = ProtoNet(TINY, 3, ProtoNet.hparams_class())
+        result = meta_train(learner, sampler().sample, val, settings(val_every=1, select_best=select_best))
+        return learner.state_dict(), result
+
+    last, _ = run([], True)                       # no validation: the last weights
+    kept, result = run(val_episodes(), False)
+    assert len(result.val_curve) == 6
+    assert all(torch.equal(v, last[k]) for k, v in kept.items())
+
+
+def test_validation_time_is_not_charged_to_the_time_budget() -> None:
+    torch.manual_seed(0)
+    learner = ProtoNet(TINY, 3, ProtoNet.hparams_class())
+    many = val_episodes() * 40
+    result = meta_train(learner, sampler().sample, many,
+                        settings(steps=10**6, val_every=10**6, time_budget_s=0.5, val_every_s=0.05))
+    val_spent = result.seconds - result.train_seconds
+    assert result.train_seconds >= 0.5
+    assert len(result.val_curve) >= 3 and val_spent > 0
+    # Curve times are training seconds: non-decreasing and never beyond the training time.
+    times = [p["seconds"] for p in result.val_curve]
+    assert times == sorted(times) and times[-1] <= result.train_seconds + 1e-6
