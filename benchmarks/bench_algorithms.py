@@ -36,6 +36,7 @@ change these figures a lot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -226,7 +227,12 @@ def reference_maml_step(model: nn.Module, episodes: Sequence[Episode], inner_lr:
 
 
 # --------------------------------------------------------------------------- workers
-def floor_step(train: SplitData) -> Callable[[int], None]:
+def levers(spec: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast when `--fast` (the trainer's `precision: bf16`), else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(spec.get("fast")))
+
+
+def floor_step(train: SplitData, spec: dict[str, Any]) -> Callable[[int], None]:
     """The floor: zero_grad + Conv-4 + linear forward + cross-entropy + backward on 80 images."""
     sampler = EpisodeSampler(train, N_WAY, K_SHOT, N_QUERY, seed=0, rotation_augment=True)
     batches = [
@@ -235,18 +241,22 @@ def floor_step(train: SplitData) -> Callable[[int], None]:
     ]
     backbone = build_backbone(BackboneSpec(), track_running_stats=True)
     model = nn.Sequential(backbone, nn.Linear(backbone.out_dim, N_WAY)).train()
+    if spec.get("fast"):
+        model.to(memory_format=torch.channels_last)
 
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with levers(spec):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
 
     return step
 
 
 def worker_floor(spec: dict[str, Any], train: SplitData) -> dict[str, Any]:
     """Time the floor alone and its peak-RSS increase."""
-    step = floor_step(train)
+    step = floor_step(train, spec)
     peak_reset = reset_peak_rss()
     rss0 = maxrss_mib()
     times = time_calls(step, TRAIN[spec["mode"]])
@@ -267,11 +277,14 @@ def worker_algorithm(spec: dict[str, Any], train: SplitData, test: SplitData) ->
     torch.manual_seed(0)
     learner = build_algorithm(name, BackboneSpec(), N_WAY, None, num_classes=spec["num_classes"])
     learner.train()
+    if spec.get("fast"):
+        learner.to(memory_format=torch.channels_last)
 
     def step(i: int) -> None:
         batch = [pool[(i * mb + j) % len(pool)] for j in range(mb)]
         learner.zero_grad(set_to_none=True)
-        learner.meta_learn(batch)
+        with levers(spec):
+            learner.meta_learn(batch)
 
     budget = TRAIN[spec["mode"]]
     # Memory first, the algorithm alone: its warm-up steps reach the peak of
@@ -281,7 +294,7 @@ def worker_algorithm(spec: dict[str, Any], train: SplitData, test: SplitData) ->
     for i in range(budget.warmup):
         step(i)
     rss1 = maxrss_mib()
-    floor = floor_step(train)
+    floor = floor_step(train, spec)
     for i in range(budget.warmup):
         floor(i)
     # Both are warm now: interleave without a second warm-up.
@@ -436,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-classes", type=int, default=DEFAULT_NUM_CLASSES,
                         help="global classes of the supervised baselines' head (default 3856)")
     parser.add_argument("--prepared", type=Path, default=ROOT / "data" / "prepared")
+    parser.add_argument("--fast", action="store_true",
+                        help="bfloat16 autocast + channels-last weights in the training steps "
+                             "(meta_train.precision: bf16, channels_last: true)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -451,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     mode = "quick" if args.quick else "full"
     base = {"mode": mode, "threads": args.threads, "prepared": str(args.prepared.resolve()),
             "meta_batch": args.meta_batch, "num_classes": args.num_classes,
-            "maml_tasks": args.maml_tasks}
+            "maml_tasks": args.maml_tasks, "fast": args.fast}
 
     if not (args.prepared / "omniglot" / "manifest.parquet").is_file():
         print(f"WARNING: {args.prepared / 'omniglot'} is not prepared: run `dvc repro prepare` first. "
@@ -462,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_start = os.getloadavg()
     print(f"machine: {machine}", flush=True)
     print(f"mode {mode}; episode {N_WAY}-way {K_SHOT}-shot {N_QUERY}-query 28x28x1, Conv-4 hidden 64; "
-          f"meta-batch {args.meta_batch}; num_classes {args.num_classes}; "
+          f"meta-batch {args.meta_batch}; {'bf16 autocast + channels-last' if args.fast else 'fp32'}; num_classes {args.num_classes}; "
           f"load average {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}", flush=True)
     t_all = time.perf_counter()
 
