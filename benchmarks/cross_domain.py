@@ -24,9 +24,9 @@ the same fixed target episodes as every other method:
 
 Usage (from the project root, after `dvc repro prepare`, nothing else running):
 
-    .venv/bin/python benchmarks/cross_domain.py --quick     # ~8 min: 3 learners + 2 baselines, 0.5 min, 30 episodes
+    .venv/bin/python benchmarks/cross_domain.py --quick     # 3 learners + 2 baselines, 0.5 min each, 30 episodes
     .venv/bin/python benchmarks/cross_domain.py --minutes 2 --episodes 100
-    .venv/bin/python benchmarks/cross_domain.py             # every algorithm, 10 min each, 600 episodes
+    .venv/bin/python benchmarks/cross_domain.py             # every algorithm, 10 min each, 600 episodes (hours)
 
 Writes benchmarks/results/cross_domain[-quick].json, one MLflow run per
 target in the "benchmarks" experiment, and prints markdown tables.

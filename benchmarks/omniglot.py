@@ -26,9 +26,9 @@ charged to the budget.
 
 Usage (from the project root, nothing else running on the machine):
 
-    .venv/bin/python benchmarks/omniglot.py --quick          # ~6 min: protonet, 1.5 min, 100 episodes
+    .venv/bin/python benchmarks/omniglot.py --quick          # protonet, 1.5 min training, 100 episodes
     .venv/bin/python benchmarks/omniglot.py --algorithms protonet --minutes 20
-    .venv/bin/python benchmarks/omniglot.py                  # every algorithm, 60 min each, 600 episodes
+    .venv/bin/python benchmarks/omniglot.py                  # every algorithm, 60 min each, 600 episodes (8-9 h)
 
 Writes benchmarks/results/omniglot[-quick].json (one entry per algorithm and
 budget, merged with earlier entries), logs one MLflow run per algorithm in the
