@@ -128,9 +128,13 @@ class MetaTrainParams:
     # Speed/accuracy levers (see metatransfer.training.meta_train.TrainSettings):
     # "constant" or "cosine" outer learning rate over the budget, "fp32" or
     # "bf16" autocast for the training step, channels-last 4-D weights.
-    lr_schedule: str = "constant"
-    precision: str = "fp32"
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES
+    precision: str = "fp32"  # one of PRECISIONS
     channels_last: bool = False
+
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -314,10 +318,10 @@ def _check_ranges(p: Params) -> None:
         need(m.checkpoint_every >= 0, "meta_train.checkpoint_every", f"must be >= 0 (0: only at the end), found {m.checkpoint_every}")
         need(m.max_consecutive_faults >= 1, "meta_train.max_consecutive_faults", f"must be >= 1, found {m.max_consecutive_faults}")
         need(m.meta_lr > 0, "meta_train.meta_lr", f"must be > 0, found {m.meta_lr}")
-        need(m.lr_schedule in ("constant", "cosine"), "meta_train.lr_schedule",
-             f"must be one of ['constant', 'cosine'], found {m.lr_schedule!r}")
-        need(m.precision in ("fp32", "bf16"), "meta_train.precision",
-             f"must be one of ['fp32', 'bf16'], found {m.precision!r}")
+        need(m.lr_schedule in LR_SCHEDULES, "meta_train.lr_schedule",
+             f"must be one of {list(LR_SCHEDULES)}, found {m.lr_schedule!r}")
+        need(m.precision in PRECISIONS, "meta_train.precision",
+             f"must be one of {list(PRECISIONS)}, found {m.precision!r}")
         need(m.n_way >= 2, "meta_train.n_way", f"must be >= 2, found {m.n_way}")
         need(len(m.sources) >= 1, "meta_train.sources", "must name at least one source dataset")
         need(all(s.weight > 0 for s in m.sources), "meta_train.sources", "every weight must be > 0")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from metatransfer.algorithms.base import MetaLearner
+from metatransfer.config import LR_SCHEDULES, PRECISIONS
 from metatransfer.episodes import Episode
 from metatransfer.errors import MetatransferError
 from metatransfer.evaluation.episodic import episode_accuracies
@@ -87,9 +88,6 @@ class TrainSettings:
         if self.precision not in PRECISIONS:
             raise MetatransferError(f"precision must be one of {list(PRECISIONS)}, found {self.precision!r}")
 
-
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16")
 
 
 def budget_fraction(settings: TrainSettings, step: int, seconds: float) -> float:
