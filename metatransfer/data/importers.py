@@ -24,10 +24,22 @@ Conventions (decided here, relied on by `prepare`):
   dropped; palette/CMYK/YCbCr -> RGB; 16-bit grey scaled to 8 bits. Files PIL
   cannot identify, corrupt or truncated images, float images and files outside
   the layout are quarantined with a reason, never silently skipped.
+* Image files (ImageFolder, the split folders of brain_tumor_mri /
+  ham10000_mel_nv, the mini-ImageNet csv layout) are *not* decoded by the
+  importer: it returns an `ImageFiles` batch (paths) with ``orig_*`` = 0, and
+  `prepare` decodes them in bounded chunks (`decode_image`), quarantining the
+  files that fail, so no whole dataset is ever held in memory. `materialise`
+  decodes such an Imported eagerly (small trees, tests).
+* Layouts of image folders: ``class/img`` and ``domain/class/img`` (origin
+  ""), ``split/class/img`` (origin = the split: top-level folders named
+  train|training, val|valid|validation, test|testing, any case), and the Ravi
+  & Larochelle csv layout (``images/`` + ``train.csv``/``val.csv``/``test.csv``
+  with header ``filename,label``; origin = the csv's split, class = the wnid).
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import zipfile
@@ -65,6 +77,20 @@ class ImageBatch:
 
 
 @dataclass(frozen=True)
+class ImageFiles:
+    """Images still on disk, one path per metadata row; decoded later in chunks.
+
+    Attributes:
+        paths: the image files, in metadata row order.
+    """
+
+    paths: tuple[Path, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
 class QuarantineRow:
     """An input that was skipped, and why."""
 
@@ -79,21 +105,25 @@ class Imported:
 
     Attributes:
         dataset: dataset name (prefix of every class name).
-        kind: importer kind ("omniglot_npz", "omniglot_zip", "medmnist", "kmnist", "image_folder").
-        batches: images; concatenated in order they match the rows of `meta`.
+        kind: importer kind ("omniglot_npz", "omniglot_zip", "medmnist", "kmnist", "image_folder",
+            "csv_split", "split_folder").
+        batches: images (arrays, or files decoded later); concatenated in order they match the rows of `meta`.
         meta: one row per image, columns META_COLUMNS.
-        class_order: every class in the source's official order (Omniglot's vinyals split uses it).
+        class_order: every class in the source's official order (Omniglot's vinyals split uses it;
+            for image folders every class folder, including empty ones).
         quarantine: skipped inputs with reasons.
-        empty_classes: class folders with no usable image (ImageFolder only).
+        empty_classes: class folders with no usable image (image folders; filled once decoded).
+        layout: the image-folder layout used ("class", "domain/class", "split/class", "csv"; "" for arrays).
     """
 
     dataset: str
     kind: str
-    batches: list[ImageBatch]
+    batches: list[ImageBatch | ImageFiles]
     meta: pd.DataFrame
     class_order: tuple[str, ...]
     quarantine: list[QuarantineRow] = field(default_factory=list)
     empty_classes: list[str] = field(default_factory=list)
+    layout: str = ""
 
     def __post_init__(self) -> None:
         n = sum(len(b) for b in self.batches)
@@ -412,86 +442,306 @@ def decode_image(path: Path) -> tuple[np.ndarray, int]:
         raise _Rejected(f"corrupt image: {type(exc).__name__}: {msg}") from None
 
 
-def import_image_folder(root: Path, dataset: str) -> Imported:
-    """Read a user's ImageFolder tree: ``class/img.*`` or ``domain/class/img.*``.
+SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                      "test": "test", "testing": "test"}
+LAYOUTS = ("auto", "class", "split/class", "domain/class")
+MANIFEST_NAME = "SHA256SUMS"
+CSV_SPLITS = ("train", "val", "test")
 
-    The layout is detected from the depth of the files. Files at the top of
-    the tree, files nested deeper than the layout, non-images and corrupt or
-    truncated images are quarantined with a reason; class folders left with
-    no usable image are reported in `empty_classes` (and logged).
+
+def detect_layout(root: Path) -> str:
+    """The layout of an image-folder tree: "split/class", "domain/class" or "class".
+
+    "split/class" when every top-level folder is a split name (train|training,
+    val|valid|validation, test|testing, any case); otherwise "domain/class"
+    when files lie three levels deep, else "class".
+
+    Args:
+        root: the tree's root folder.
+
+    Returns:
+        The layout name.
+    """
+    tops = [p.name.lower() for p in root.iterdir() if p.is_dir()]
+    if tops and all(t in SPLIT_FOLDER_NAMES for t in tops):
+        return "split/class"
+    deep = any(len(p.relative_to(root).parts) == 3 for p in root.rglob("*") if p.is_file())
+    return "domain/class" if deep else "class"
+
+
+def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative_paths: bool = False,
+                        kind: str = "image_folder") -> Imported:
+    """List an image-folder tree: ``class/img.*``, ``domain/class/img.*`` or ``split/class/img.*``.
+
+    Nothing is decoded here (see `ImageFiles`, `materialise`, prepare's
+    chunked decoding). Files at the top of the tree and files nested deeper
+    or shallower than the layout are quarantined with a reason.
 
     Args:
         root: the tree's root folder.
         dataset: dataset name.
+        layout: "auto" (see `detect_layout`), "class", "domain/class" or "split/class".
+        relative_paths: record ``source_path`` relative to `root` (registered datasets: the
+            manifest then does not depend on where the project lies) instead of absolute.
+        kind: the Imported kind ("image_folder" for a user's tree, "split_folder" for registered ones).
 
     Returns:
-        Imported with origin "" and domain = dataset (class layout) or the domain folder.
+        Imported with one `ImageFiles` batch; origin "" (class, domain/class) or the split
+        ("train"/"val"/"test"); domain = dataset or the domain folder; class = ``<dataset>/<class>``
+        (``<dataset>/<domain>/<class>``).
 
     Raises:
-        DataError: the folder is missing, mixes both layouts, or has no usable image.
+        DataError: the folder is missing, mixes layouts, has unknown or clashing split folders,
+            or holds no image file.
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: image folder for dataset {dataset!r} not found; fix prepare.image_folders.{dataset}.path.")
+        raise DataError(f"{root}: image folder for dataset {dataset!r} not found; fix prepare.image_folders.{dataset}.path "
+                        "(or the mirror folder of a registered dataset).")
+    if layout not in LAYOUTS:
+        raise DataError(f"{root}: unknown layout {layout!r} for dataset {dataset!r}; expected one of {list(LAYOUTS)}.")
     files = sorted(p for p in root.rglob("*") if p.is_file())
     depth = {p: len(p.relative_to(root).parts) for p in files}
-    d2 = [p for p in files if depth[p] == 2]
-    d3 = [p for p in files if depth[p] == 3]
-    if d2 and d3:
-        raise DataError(
-            f"{root}: mixes the class/image layout ({d2[0].relative_to(root)}) and the domain/class/image layout "
-            f"({d3[0].relative_to(root)}); use one layout for the whole tree."
-        )
-    layout_depth = 3 if d3 else 2
-    quarantine: list[QuarantineRow] = []
+    if layout == "auto":
+        layout = detect_layout(root)
+        if layout != "split/class":
+            d2 = [p for p in files if depth[p] == 2]
+            d3 = [p for p in files if depth[p] == 3]
+            if d2 and d3:
+                raise DataError(
+                    f"{root}: mixes the class/image layout ({d2[0].relative_to(root)}) and the domain/class/image "
+                    f"layout ({d3[0].relative_to(root)}); use one layout for the whole tree (or set "
+                    f"prepare.image_folders.{dataset}.layout)."
+                )
+    layout_depth = 2 if layout == "class" else 3
+    splits: dict[str, str] = {}
+    if layout == "split/class":
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            split = SPLIT_FOLDER_NAMES.get(d.name.lower())
+            if split is None:
+                raise DataError(f"{root}: top-level folder {d.name!r} is not a split name; with layout split/class "
+                                f"expected folders named {sorted(SPLIT_FOLDER_NAMES)} (any case). Move or rename it.")
+            if split in splits.values():
+                other = next(k for k, v in splits.items() if v == split)
+                raise DataError(f"{root}: folders {other!r} and {d.name!r} both mean split {split!r}; merge them.")
+            splits[d.name] = split
+        if "train" not in splits.values() and "test" not in splits.values():
+            raise DataError(f"{root}: layout split/class needs a train (or training) or test (or testing) folder; "
+                            f"found {sorted(splits)}.")
     # every folder at the class level is a class, even with no file in it
-    if layout_depth == 2:
+    if layout == "class":
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     else:
         class_dirs = sorted(c for d in root.iterdir() if d.is_dir() for c in d.iterdir() if c.is_dir())
-    counts = {c: 0 for c in class_dirs}
-    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
-    group_rows: dict[tuple[int, ...], dict[str, list]] = {}
+
+    def class_of(rel_parts: tuple[str, ...]) -> str:
+        if layout == "split/class":
+            return f"{dataset}/{rel_parts[1]}"
+        return f"{dataset}/{'/'.join(rel_parts[:layout_depth - 1])}"
+
+    quarantine: list[QuarantineRow] = []
+    rows = _new_rows()
+    paths: list[Path] = []
     for p in files:
         rel = p.relative_to(root)
-        src = str(p)
+        src = rel.as_posix() if relative_paths else str(p)
+        if depth[p] == 1 and p.name == MANIFEST_NAME:  # the folder's checksum list, not an image
+            continue
         if depth[p] != layout_depth:
-            where = "at the top of the tree, outside any class folder" if depth[p] == 1 else "nested deeper than the layout"
-            quarantine.append(QuarantineRow(dataset, src, f"file {where} ({rel})"))
+            where = ("at the top of the tree, outside any class folder" if depth[p] == 1
+                     else "nested deeper than the layout" if depth[p] > layout_depth else "outside any class folder")
+            quarantine.append(QuarantineRow(dataset, src, f"file {where} ({rel}; layout {layout})"))
             continue
-        try:
-            arr, channels = decode_image(p)
-        except _Rejected as exc:
-            quarantine.append(QuarantineRow(dataset, src, str(exc)))
-            continue
-        cls_dir = p.parent
-        counts[cls_dir] = counts.get(cls_dir, 0) + 1
-        domain = rel.parts[0] if layout_depth == 3 else dataset
-        cls = f"{dataset}/{'/'.join(rel.parts[:-1])}"
-        groups.setdefault(arr.shape, []).append(arr)
-        r = group_rows.setdefault(arr.shape, _new_rows())
-        r["domain"].append(domain)
-        r["class"].append(cls)
-        r["origin"].append("")
-        r["source_path"].append(src)
-        r["orig_height"].append(arr.shape[0])
-        r["orig_width"].append(arr.shape[1])
-        r["orig_channels"].append(channels)
-    empty = [f"{dataset}/{c.relative_to(root).as_posix()}" for c, n in counts.items() if n == 0]
-    for e in empty:
-        log.warning("%s: class folder %s has no usable image (empty or all quarantined)", root, e)
-    rows = _new_rows()
-    batches = []
-    for key, arrs in groups.items():
-        batches.append(ImageBatch(np.stack(arrs)))
-        for c in META_COLUMNS:
-            rows[c] += group_rows[key][c]
-    if not batches:
-        raise DataError(f"{root}: no usable image found ({len(quarantine)} file(s) quarantined); "
-                        "expected class/image.* or domain/class/image.* with PIL-readable images.")
+        paths.append(p)
+        rows["domain"].append(rel.parts[0] if layout == "domain/class" else dataset)
+        rows["class"].append(class_of(rel.parts))
+        rows["origin"].append(splits[rel.parts[0]] if layout == "split/class" else "")
+        rows["source_path"].append(src)
+        rows["orig_height"].append(0)
+        rows["orig_width"].append(0)
+        rows["orig_channels"].append(0)
+    if not paths:
+        raise DataError(f"{root}: no usable image found ({len(quarantine)} file(s) quarantined); expected "
+                        f"{layout}/image.* files (layout {layout}).")
+    order = tuple(sorted({class_of(c.relative_to(root).parts + ("x",)) for c in class_dirs}))
     meta = _meta(rows)
-    order = tuple(sorted(set(meta["class"])))
-    return Imported(dataset, "image_folder", batches, meta, order, quarantine, empty)
+    if layout == "split/class":  # rows grouped by split (train, val, test) so each split is contiguous
+        rank = meta["origin"].map({"train": 0, "val": 1, "test": 2})
+        perm = np.argsort(rank.to_numpy(), kind="stable")
+        meta = meta.iloc[perm].reset_index(drop=True)
+        paths = [paths[i] for i in perm]
+    return Imported(dataset, kind, [ImageFiles(tuple(paths))], meta, order, quarantine, [], layout)
+
+
+def import_csv_split(root: Path, dataset: str, relative_paths: bool = True) -> Imported:
+    """Read the Ravi & Larochelle csv layout (mini-ImageNet as distributed).
+
+    ``root/images/<file>`` plus ``root/{train,val,test}.csv``, each with the
+    header ``filename,label`` (label = the ImageNet wnid). The csvs give the
+    class-disjoint split; rows come out ordered train, val, test (csv order).
+
+    Args:
+        root: the folder.
+        dataset: dataset name (class names are ``<dataset>/<wnid>``).
+        relative_paths: record ``source_path`` as ``images/<file>`` (default) instead of absolute.
+
+    Returns:
+        Imported (kind "csv_split") with one `ImageFiles` batch; origin = the csv's split.
+        Files in images/ that no csv lists are quarantined.
+
+    Raises:
+        DataError: a csv is missing or has another header, an empty field, a file listed twice
+            (in one csv or in two splits), a class in two splits, or files the csvs list but images/
+            lacks (each names the csv, row and file).
+    """
+    root = Path(root)
+    images_dir = root / "images"
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: folder not found; the csv layout is images/ + train.csv, val.csv, test.csv "
+                        "(header filename,label).")
+    seen: dict[str, tuple[str, int]] = {}
+    class_split: dict[str, tuple[str, int]] = {}
+    rows = _new_rows()
+    paths: list[Path] = []
+    missing: list[str] = []
+    problems: list[str] = []
+    for split in CSV_SPLITS:
+        path = root / f"{split}.csv"
+        if not path.is_file():
+            raise DataError(f"{path}: not found; the csv layout needs train.csv, val.csv and test.csv "
+                            "(header filename,label).")
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header] != ["filename", "label"]:
+                raise DataError(f"{path}: header must be 'filename,label' (Ravi & Larochelle layout), found "
+                                f"{','.join(header) if header else 'an empty file'!r}. Fix the first line.")
+            for line_no, rec in enumerate(reader, 2):
+                if not rec:
+                    continue
+                if len(rec) != 2 or not rec[0].strip() or not rec[1].strip():
+                    problems.append(f"{path.name} line {line_no}: expected 'filename,label', found {','.join(rec)!r}")
+                    continue
+                fname, label = rec[0].strip(), rec[1].strip()
+                if fname in seen:
+                    where = seen[fname]
+                    kind = "listed twice" if where[0] == split else "in two splits"
+                    problems.append(f"{path.name} line {line_no}: image {fname!r} {kind} (also {where[0]}.csv line "
+                                    f"{where[1]})")
+                    continue
+                seen[fname] = (split, line_no)
+                if label in class_split and class_split[label][0] != split:
+                    first = class_split[label]
+                    problems.append(f"{path.name} line {line_no}: class {label!r} in two splits (first in {first[0]}.csv "
+                                    f"line {first[1]}); the csv splits must be class-disjoint")
+                    continue
+                class_split.setdefault(label, (split, line_no))
+                p = images_dir / fname
+                if not p.is_file():
+                    missing.append(f"{path.name} line {line_no}: {p}")
+                    continue
+                paths.append(p)
+                rows["domain"].append(dataset)
+                rows["class"].append(f"{dataset}/{label}")
+                rows["origin"].append(split)
+                rows["source_path"].append(f"images/{fname}" if relative_paths else str(p))
+                rows["orig_height"].append(0)
+                rows["orig_width"].append(0)
+                rows["orig_channels"].append(0)
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise DataError(f"{root}: {len(problems)} problem(s) in the split csvs:\n  {shown}\n"
+                        "Fix those rows (each image in one csv once; each class in one split) and re-run.")
+    if missing:
+        shown = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise DataError(f"{root}: {len(missing)} image(s) listed in the csvs are not in images/:\n  {shown}\n"
+                        "Restore the files (fetch again from a complete copy) or remove their rows from the csvs.")
+    listed = {p.name for p in paths}
+    quarantine = [QuarantineRow(dataset, f"images/{p.name}" if relative_paths else str(p),
+                                "not listed in train.csv, val.csv or test.csv")
+                  for p in sorted(images_dir.iterdir()) if p.is_file() and p.name not in listed]
+    if not paths:
+        raise DataError(f"{root}: the csvs list no image; expected rows 'filename,label'.")
+    meta = _meta(rows)
+    return Imported(dataset, "csv_split", [ImageFiles(tuple(paths))], meta, tuple(sorted(set(meta["class"]))),
+                    quarantine, [], "csv")
+
+
+def decode_files(paths: list[Path] | tuple[Path, ...], workers: int = 2
+                 ) -> list[tuple[np.ndarray, int] | str]:
+    """Decode image files (threads: PIL releases the GIL while decoding).
+
+    Args:
+        paths: image files.
+        workers: decoding threads (1 = in this thread).
+
+    Returns:
+        Per path, in order: (uint8 (H, W, C) pixels, colour channels) or the quarantine reason (str).
+    """
+    def one(p: Path) -> tuple[np.ndarray, int] | str:
+        try:
+            return decode_image(p)
+        except _Rejected as exc:
+            return str(exc)
+
+    if workers <= 1 or len(paths) < 8:
+        return [one(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, paths, chunksize=16))
+
+
+def materialise(data: Imported) -> Imported:
+    """Decode every `ImageFiles` batch of an Imported into in-memory `ImageBatch`es.
+
+    For small trees and tests (prepare streams instead). Files that fail to
+    decode are quarantined; ``orig_*`` columns are filled; class folders left
+    without an image are reported in `empty_classes` (and logged).
+
+    Args:
+        data: an Imported (array batches are kept as they are).
+
+    Returns:
+        A new Imported whose batches are all ImageBatch (grouped by shape), rows matching.
+
+    Raises:
+        DataError: no usable image at all.
+    """
+    rows = _new_rows()
+    batches: list[ImageBatch] = []
+    quarantine = list(data.quarantine)
+    start = 0
+    for b in data.batches:
+        part = data.meta.iloc[start:start + len(b)].copy()
+        start += len(b)
+        if isinstance(b, ImageBatch):
+            batches.append(b)
+            for c in META_COLUMNS:
+                rows[c] += part[c].tolist()
+            continue
+        groups: dict[tuple[int, ...], list[int]] = {}
+        arrays: dict[int, np.ndarray] = {}
+        for i, (res, (_, r)) in enumerate(zip(decode_files(b.paths), part.iterrows())):
+            if isinstance(res, str):
+                quarantine.append(QuarantineRow(data.dataset, r["source_path"], res))
+                continue
+            arrays[i] = res[0]
+            groups.setdefault(res[0].shape, []).append(i)
+            part.iat[i, part.columns.get_loc("orig_height")] = res[0].shape[0]
+            part.iat[i, part.columns.get_loc("orig_width")] = res[0].shape[1]
+            part.iat[i, part.columns.get_loc("orig_channels")] = res[1]
+        for idx in groups.values():
+            batches.append(ImageBatch(np.stack([arrays[i] for i in idx])))
+            for c in META_COLUMNS:
+                rows[c] += part[c].iloc[idx].tolist()
+    if not batches:
+        raise DataError(f"{data.dataset}: no usable image found ({len(quarantine)} file(s) quarantined).")
+    meta = _meta(rows)
+    empty = sorted(set(data.class_order) - set(meta["class"])) if data.kind != "csv_split" else []
+    for e in empty:
+        log.warning("%s: class folder %s has no usable image (empty or all quarantined)", data.dataset, e)
+    return Imported(data.dataset, data.kind, batches, meta, data.class_order, quarantine, empty, data.layout)
 
 
 def iter_chunks(batch: ImageBatch, size: int) -> Iterator[np.ndarray]:

@@ -31,6 +31,34 @@ KMNIST npz              sha256 of the official files (CODH publishes no checksum
 ``fetch`` never leaves a partial file: it writes to a temporary file in the
 destination folder, verifies the checksum, and only then renames it into
 place (``os.replace``); on any failure the temporary file is removed.
+
+Folder datasets (many files: ``mini_imagenet``, ``brain_tumor_mri``,
+``ham10000_mel_nv``) are registered with a `SourceFolder`: their public
+provenance (GitHub repository + commit) and the folder under the mirror. They
+cannot be downloaded by this project (no single archive URL with a published
+checksum exists), so without a mirror ``fetch`` fails saying where to get the
+files and where to put them. With a mirror, ``fetch_folder`` hard-links
+(``os.link``; a copy when linking is not possible, e.g. across file systems)
+every file of ``<mirror>/<folder>`` into a temporary folder beside
+``<raw_dir>/<name>``, verifies every file listed in the folder's
+``SHA256SUMS`` (a missing file or a wrong hash is a ChecksumError naming the
+file, the expected and the found hash), and renames it into place. A user's
+own copy (same layout) is used by pointing ``data.mirror`` at a folder that
+holds it under the registered folder name; a copy whose ``SHA256SUMS`` or
+split csvs differ from the reference ones is accepted (its files are still
+verified against its own ``SHA256SUMS``) with a warning. Hard links share
+the mirror's bytes: never edit files under ``data/raw`` in place.
+
+==================  ===========================================================
+folder dataset      checksums
+==================  ===========================================================
+mini_imagenet       no official checksum exists: the shared mirror's
+                    ``SHA256SUMS`` (sha256 pinned below) is the reference;
+                    train/val/test.csv pinned too (the Ravi & Larochelle split
+                    as held by the mirror: val classes cut to 100 images).
+brain_tumor_mri     ``SHA256SUMS`` of the mirror's subset (sha256 pinned).
+ham10000_mel_nv     ``SHA256SUMS`` of the mirror's subset (sha256 pinned).
+==================  ===========================================================
 """
 
 from __future__ import annotations
@@ -42,6 +70,8 @@ import shutil
 import tempfile
 import time
 import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -88,15 +118,41 @@ class SourceFile:
 
 
 @dataclass(frozen=True)
+class SourceFolder:
+    """A dataset that is a folder of many files (fetched as a whole).
+
+    Attributes:
+        mirror_path: the folder relative to the mirror root.
+        origin: public provenance (repository, commit, paths inside it).
+        url: where a person gets the files (the repository tree at the commit).
+        layout: what the folder must hold (shown in errors).
+        manifest: name of the per-file checksum manifest inside the folder.
+        reference: (relative path, sha256) of reference files (the manifest
+            itself, split csvs): a copy that differs is accepted with a warning.
+    """
+
+    mirror_path: str
+    origin: str
+    url: str
+    layout: str
+    manifest: str = "SHA256SUMS"
+    reference: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class DatasetSource:
     """A registered dataset: how to get its raw files and which importer reads them.
 
     Attributes:
         name: registry name (also the raw and prepared folder name).
-        kind: importer kind: "omniglot_npz", "omniglot_zip", "medmnist" or "kmnist".
-        files: the raw files.
+        kind: importer kind: "omniglot_npz", "omniglot_zip", "medmnist", "kmnist",
+            "csv_split" (images/ + train/val/test.csv) or "split_folder"
+            (split/class/image folders).
+        files: the raw files (empty for folder datasets).
         license: licence of the data.
         n_classes: number of classes for labelled array datasets (0 = from the data).
+        folder: set for folder datasets (fetched as a whole, see `fetch_folder`).
+        role: "source" or "target" for folder datasets ("" = decided by the kind).
     """
 
     name: str
@@ -104,6 +160,8 @@ class DatasetSource:
     files: tuple[SourceFile, ...]
     license: str
     n_classes: int = 0
+    folder: SourceFolder | None = None
+    role: str = ""
 
 
 # --------------------------------------------------------------------------- registry
@@ -238,6 +296,61 @@ DATASETS: dict[str, DatasetSource] = {
         ),
     ),
 }
+
+
+_GH = "https://github.com"
+DATASETS["mini_imagenet"] = DatasetSource(
+    name="mini_imagenet",
+    kind="csv_split",
+    role="source",
+    license="ImageNet terms of access (non-commercial research and education)",
+    files=(),
+    folder=SourceFolder(
+        mirror_path="mini_imagenet",
+        origin=("images: GitHub Deo0330/split_minidataset@557ebcae0db23651f9370f54a5f31b1f0fd4064d "
+                "(train/<wnid>/*.jpg, val/<wnid>/*.jpg; mini-ImageNet, Vinyals et al. 2016); class split: "
+                "Ravi & Larochelle (2017) train.csv/val.csv/test.csv"),
+        url=f"{_GH}/Deo0330/split_minidataset/tree/557ebcae0db23651f9370f54a5f31b1f0fd4064d",
+        layout="images/<wnid><8-digit index>.jpg, train.csv, val.csv, test.csv (header filename,label), SHA256SUMS",
+        reference=(
+            ("SHA256SUMS", "62695bddadddba1002f50cdcdda6c68203475e8637d8c29d62ad6db5b7d30287"),
+            ("train.csv", "498519cd8e49ce97ed26a4a3638966698ae41ab35e9c68538319fc9b46ba7d2f"),
+            ("val.csv", "87cfa0034e67f95d29c77685dddf4df18575a95e8daf89928c6f2e49917349a9"),
+            ("test.csv", "2b7cfa78342995761a572a8158e539bc4e0a80f9bbd7d00c1e17a460fbbb93fa"),
+        ),
+    ),
+)
+DATASETS["brain_tumor_mri"] = DatasetSource(
+    name="brain_tumor_mri",
+    kind="split_folder",
+    role="target",
+    license="CC BY 4.0 (figshare part, Cheng et al. 2017); Kaggle 'Brain Tumor MRI Dataset' (M. Nickparvar)",
+    files=(),
+    folder=SourceFolder(
+        mirror_path="brain_tumor_mri",
+        origin=("GitHub KomalChaudhari8/BRAIN_TUMOR_APP@1fac2c320ad3f98cb71ce79d5d1490a953eaa1ec, "
+                "Training/<class>/, Testing/<class>/ (copy of the Kaggle Brain Tumor MRI Dataset; the mirror "
+                "holds the first 300/150 files per class after removing exact duplicates)"),
+        url=f"{_GH}/KomalChaudhari8/BRAIN_TUMOR_APP/tree/1fac2c320ad3f98cb71ce79d5d1490a953eaa1ec",
+        layout="Training/<class>/*.jpg, Testing/<class>/*.jpg, SHA256SUMS",
+        reference=(("SHA256SUMS", "68fe684071f03408d4330a9dc67b4169634fd62abcf902b28c32ba8763e41932"),),
+    ),
+)
+DATASETS["ham10000_mel_nv"] = DatasetSource(
+    name="ham10000_mel_nv",
+    kind="split_folder",
+    role="target",
+    license="CC BY-NC 4.0 (HAM10000, Tschandl et al. 2018, doi:10.7910/DVN/DBW86T): non-commercial use",
+    files=(),
+    folder=SourceFolder(
+        mirror_path="ham10000_mel_nv",
+        origin=("GitHub Criscraft/workshop_ki_hautkrebserkennung@25b3c4a6b36efdc2b1468b78116f1ae2fb9b69b0, "
+                "data/{train,test}/{mel,nv}/ (HAM10000 images)"),
+        url=f"{_GH}/Criscraft/workshop_ki_hautkrebserkennung/tree/25b3c4a6b36efdc2b1468b78116f1ae2fb9b69b0/data",
+        layout="train/{mel,nv}/ISIC_*.jpg, test/{mel,nv}/ISIC_*.jpg, SHA256SUMS",
+        reference=(("SHA256SUMS", "7e96c5f1c7739a730140e653f25251d67e85f4368e5c1224bcf07b9c6b13de5f"),),
+    ),
+)
 
 
 def get_source(name: str) -> DatasetSource:
@@ -428,6 +541,231 @@ def fetch_file(spec: SourceFile, dest: Path, mirror: Path | None) -> Path:
     return dest
 
 
+# --------------------------------------------------------------------------- folder datasets
+def read_manifest(path: Path) -> dict[str, str]:
+    """Parse a ``sha256sum`` manifest (``<hex>  <relative path>`` per line).
+
+    Args:
+        path: the SHA256SUMS file.
+
+    Returns:
+        {relative posix path: lowercase sha256}, in file order.
+
+    Raises:
+        DataError: a line that is not ``<64 hex> <path>``, or a path listed twice (names the line).
+    """
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        for no, line in enumerate(fh, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            digest, _, rel = line.partition(" ")
+            rel = rel.lstrip(" ").removeprefix("*")
+            if len(digest) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in digest) or not rel:
+                raise DataError(f"{path}: line {no}: expected '<64 hex sha256>  <relative path>', found {line[:120]!r}. "
+                                "Regenerate it with `sha256sum` (run inside the folder).")
+            rel = rel.removeprefix("./")
+            if rel in out:
+                raise DataError(f"{path}: line {no}: {rel!r} is listed twice; remove one line.")
+            out[rel] = digest.lower()
+    return out
+
+
+def _tree_files(folder: Path) -> list[str]:
+    """Every file under `folder` as a sorted relative posix path (dot-files included)."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def verify_folder(folder: Path, manifest: dict[str, str], origin: Path | None = None, workers: int = 4) -> int:
+    """Check every file listed in a manifest against its sha256.
+
+    Args:
+        folder: the folder the manifest's paths are relative to.
+        manifest: {relative path: sha256} (see `read_manifest`).
+        origin: where the files came from (named in the error), if not `folder`.
+        workers: hashing threads (hashlib releases the GIL on large reads).
+
+    Returns:
+        The number of files verified.
+
+    Raises:
+        ChecksumError: a listed file is missing or its sha256 differs; the message
+            names each file (up to 20), the expected and the found hash, and what to do.
+    """
+    rels = list(manifest)
+
+    def one(rel: str) -> str | None:
+        p = folder / rel
+        return file_digest(p, "sha256") if p.is_file() else None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = list(pool.map(one, rels, chunksize=256))
+    bad = [(rel, manifest[rel], got) for rel, got in zip(rels, found) if got != manifest[rel]]
+    if bad:
+        src = origin or folder
+        lines = [f"  {src / rel}: expected sha256 {exp}, found {got or 'no such file'}" for rel, exp, got in bad[:20]]
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise ChecksumError(
+            f"{src}: {len(bad)} of {len(rels)} file(s) listed in SHA256SUMS are missing or do not match:\n"
+            + "\n".join(lines) + more
+            + "\nThe copy is incomplete or corrupt: restore those files from the public source, or, if you changed "
+              "the folder on purpose, regenerate SHA256SUMS inside it (`sha256sum $(find . -type f ! -name SHA256SUMS) "
+              "> SHA256SUMS`). Nothing was written to the raw folder."
+        )
+    return len(rels)
+
+
+def _link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link `src` to `dst` when possible (same file system), else copy; True when linked."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:  # other file system, no permission (protected_hardlinks), no link support
+        shutil.copyfile(src, dst)
+        return False
+
+
+def _check_reference(name: str, folder: Path, spec: SourceFolder) -> list[str]:
+    """Reference files (manifest, split csvs) that differ from the registered reference copy."""
+    differ = []
+    for rel, sha in spec.reference:
+        p = folder / rel
+        if p.is_file() and file_digest(p, "sha256") != sha:
+            differ.append(rel)
+    if differ:
+        log.warning("%s: %s differ(s) from the reference copy (%s); using this copy as given (its files are "
+                    "verified against its own %s)", name, ", ".join(differ), spec.origin, spec.manifest)
+    return differ
+
+
+def _folder_is_current(dest: Path, src: Path, spec: SourceFolder) -> bool:
+    """True when `dest` already holds exactly `src`'s files, verified."""
+    if not dest.is_dir() or _tree_files(dest) != _tree_files(src):
+        return False
+    man_src, man_dest = src / spec.manifest, dest / spec.manifest
+    if man_src.is_file():
+        if file_digest(man_src, "sha256") != file_digest(man_dest, "sha256"):
+            return False
+        manifest = read_manifest(man_dest)
+        try:
+            verify_folder(dest, manifest)
+        except ChecksumError:
+            return False
+        unlisted = [r for r in _tree_files(src) if r not in manifest]
+    else:
+        unlisted = _tree_files(src)
+    return all(file_digest(src / r, "sha256") == file_digest(dest / r, "sha256") for r in unlisted)
+
+
+def fetch_folder(source: DatasetSource, dest: Path, mirror: Path | None) -> Path:
+    """Link/copy a folder dataset from the mirror into `dest`, verified, atomically.
+
+    Every file of ``<mirror>/<folder.mirror_path>`` is hard-linked (or copied
+    when linking fails) into a temporary folder beside `dest`; every file the
+    folder's SHA256SUMS lists is verified; only then is the temporary folder
+    renamed to `dest` (an older `dest` is replaced). On any error the
+    temporary folder is removed and `dest` is left as it was.
+
+    Args:
+        source: a registry entry with `folder` set.
+        dest: the final folder (``<raw_dir>/<name>``).
+        mirror: the mirror root, or None (then this is an error: folder datasets are not downloadable here).
+
+    Returns:
+        `dest`.
+
+    Raises:
+        DataError: no mirror, or the mirror lacks the folder (says where to get it and where to put it).
+        ChecksumError: a listed file is missing or does not match.
+    """
+    spec = source.folder
+    assert spec is not None, f"{source.name} is not a folder dataset"
+    where_to_get = (f"Get it from {spec.url} ({spec.origin}); it must hold {spec.layout}.")
+    if mirror is None:
+        raise DataError(
+            f"{source.name}: a folder dataset that this project cannot download (no single archive with a published "
+            f"checksum). {where_to_get} Put the folder at <mirror>/{spec.mirror_path}/ and set data.mirror in "
+            f"params.yaml (or {MIRROR_ENV}) to <mirror>."
+        )
+    src = mirror / spec.mirror_path
+    if not src.is_dir():
+        raise DataError(
+            f"{src}: folder not found in the mirror (looked for {spec.mirror_path!r} under {mirror}). {where_to_get} "
+            f"Put it at {src}/, or point data.mirror / {MIRROR_ENV} at a folder that has {spec.mirror_path}/."
+        )
+    manifest_path = src / spec.manifest
+    manifest = read_manifest(manifest_path) if manifest_path.is_file() else None
+    if manifest is None:
+        log.warning("%s: no %s in %s: files are copied without verification; add one (`sha256sum`) to "
+                    "have them checked", source.name, spec.manifest, src)
+    elif _folder_is_current(dest, src, spec):
+        log.info("%s: present and verified (%d files), skipped", dest, len(manifest))
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = dest.parent / f".{dest.name}.tmp-{tag}"
+    old = dest.parent / f".{dest.name}.old-{tag}"
+    try:
+        tmp.mkdir()
+        files = _tree_files(src)
+        linked = 0
+        made: set[Path] = {tmp}
+        for rel in files:
+            target = tmp / rel
+            if target.parent not in made:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                made.add(target.parent)
+            linked += _link_or_copy(src / rel, target)
+        if manifest is not None:
+            verify_folder(tmp, manifest, origin=src)
+            unlisted = [r for r in files if r not in manifest and r != spec.manifest]
+            if unlisted:
+                log.info("%s: %d file(s) not listed in %s (copied unverified): %s", source.name, len(unlisted),
+                         spec.manifest, ", ".join(unlisted[:5]) + (", ..." if len(unlisted) > 5 else ""))
+        _check_reference(source.name, tmp, spec)
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("%s: fetched %d files from %s (%d hard-linked, %d copied)%s", dest, len(files), src, linked,
+             len(files) - linked, f", {len(manifest)} verified against {spec.manifest}" if manifest else "")
+    return dest
+
+
+def raw_folder(name: str, raw_dir: Path, verify: bool = True) -> Path:
+    """Locate (and verify) the fetched folder of a folder dataset.
+
+    Args:
+        name: registry name of a folder dataset.
+        raw_dir: the raw data root.
+        verify: check every file listed in the folder's SHA256SUMS.
+
+    Returns:
+        ``raw_dir/<name>``.
+
+    Raises:
+        DataError: the folder is missing (run fetch first).
+        ChecksumError: a listed file is missing or altered.
+    """
+    src = get_source(name)
+    spec = src.folder
+    if spec is None:
+        raise DataError(f"{name}: not a folder dataset (kind {src.kind}); use raw_files.")
+    folder = Path(raw_dir) / name
+    if not folder.is_dir():
+        raise DataError(f"{folder}: raw folder missing for dataset {name!r}; run the fetch stage first "
+                        "(python -m metatransfer.stages.fetch).")
+    if verify and (folder / spec.manifest).is_file():
+        verify_folder(folder, read_manifest(folder / spec.manifest))
+    return folder
+
+
 def fetch(name: str, raw_dir: Path, mirror: str | Path | None) -> list[Path]:
     """Fetch every raw file of a registered dataset into ``raw_dir/<name>/``.
 
@@ -440,7 +778,8 @@ def fetch(name: str, raw_dir: Path, mirror: str | Path | None) -> list[Path]:
         mirror: mirror folder; None or "" downloads from the official URLs.
 
     Returns:
-        The paths of the dataset's raw files, in registry order.
+        The paths of the dataset's raw files, in registry order (for a folder
+        dataset: the one folder ``raw_dir/<name>``).
 
     Raises:
         DataError: unknown dataset or missing mirror file.
@@ -449,6 +788,8 @@ def fetch(name: str, raw_dir: Path, mirror: str | Path | None) -> list[Path]:
     src = get_source(name)
     mirror_path = Path(mirror) if mirror else None
     out_dir = Path(raw_dir) / name
+    if src.folder is not None:
+        return [fetch_folder(src, out_dir, mirror_path)]
     return [fetch_file(f, out_dir / f.name, mirror_path) for f in src.files]
 
 
@@ -468,6 +809,8 @@ def raw_files(name: str, raw_dir: Path, verify: bool = True) -> dict[str, Path]:
         ChecksumError: a file does not match its checksum.
     """
     src = get_source(name)
+    if src.folder is not None:  # folder dataset: the folder itself, every listed file verified
+        return {name: raw_folder(name, raw_dir, verify)}
     out: dict[str, Path] = {}
     for f in src.files:
         p = Path(raw_dir) / name / f.name

@@ -2,7 +2,8 @@
 
 Layout (one folder per dataset under the prepared dir, e.g. data/prepared):
 
-    <prepared>/<dataset>/images.npy        uint8 (N, C, H, W), C and H=W from params
+    <prepared>/<dataset>/images.npy        uint8 (N, C, H, W), C and H=W from params; rows
+                                           grouped by split (each split one contiguous block)
     <prepared>/<dataset>/manifest.parquet  one row per image (see schemas.py)
     <prepared>/quarantine.csv              skipped inputs with a reason
     <prepared>/report.json                 counts per dataset/split
@@ -34,12 +35,12 @@ SPLIT_ORDER = ("meta_train", "meta_val", "meta_test", "train", "val", "test")
 
 @dataclass(frozen=True)
 class SplitData:
-    """The images of one split of one dataset, preloaded.
+    """The images of one split of one dataset (images memory-mapped, see `load_split`).
 
     Attributes:
         dataset: dataset name (e.g. "omniglot").
         split: split name ("meta_train", "meta_val", "meta_test", "train", "val", "test").
-        images: uint8 (N, C, H, W).
+        images: uint8 (N, C, H, W); a read-only np.memmap slice when loaded by `load_split`.
         labels: int64 (N,) class index 0..len(class_names)-1 within this split.
         class_names: global class names (e.g. "omniglot/Greek/character01").
     """
@@ -99,7 +100,15 @@ def load_manifest(prepared_dir: str | Path, dataset: str, validate: bool = True)
 
 
 def load_split(prepared_dir: str | Path, dataset: str, split: str) -> SplitData:
-    """Load one split of one dataset into memory.
+    """Open one split of one dataset.
+
+    `prepare` writes each split's rows as one contiguous block of images.npy,
+    so the images come back as a read-only ``np.memmap`` slice of the file (no
+    copy: pages are read when indexed, e.g. ``split.images[idx]``, and shared
+    between processes through the page cache). A store whose split rows are
+    not contiguous (written by an older version) gets an in-memory copy.
+    Writing into ``split.images`` raises (read-only); copy first
+    (``np.array(split.images[idx])``) to modify.
 
     Args:
         prepared_dir: the prepared folder.
@@ -107,8 +116,8 @@ def load_split(prepared_dir: str | Path, dataset: str, split: str) -> SplitData:
         split: a split present in that dataset.
 
     Returns:
-        SplitData with uint8 images (N, C, H, W) in memory and labels 0..C-1
-        in sorted class-name order.
+        SplitData with uint8 images (N, C, H, W) (memory-mapped, read-only) and
+        labels 0..C-1 in sorted class-name order.
 
     Raises:
         DataError: missing dataset or split (lists what exists), or images/manifest disagree.
@@ -128,5 +137,9 @@ def load_split(prepared_dir: str | Path, dataset: str, split: str) -> SplitData:
     class_names = tuple(sorted(rows["class"].unique()))
     lookup = {c: i for i, c in enumerate(class_names)}
     labels = rows["class"].map(lookup).to_numpy(dtype=np.int64)
-    return SplitData(dataset=dataset, split=split, images=np.ascontiguousarray(images[idx]),
-                     labels=labels, class_names=class_names)
+    lo = int(idx[0])
+    if np.array_equal(idx, np.arange(lo, lo + len(idx))):
+        view = images[lo:lo + len(idx)]  # a read-only memmap slice: no pixel is read until indexed
+    else:  # a store written before splits were contiguous: copy the rows
+        view = np.ascontiguousarray(images[idx])
+    return SplitData(dataset=dataset, split=split, images=view, labels=labels, class_names=class_names)

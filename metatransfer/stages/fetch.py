@@ -34,8 +34,13 @@ def run(params, root: Path) -> dict[str, list[str]]:
     with tracking.stage_run("fetch", root, flatten(params)):
         for name in params.fetch.datasets:
             paths = fetch(name, raw_dir, mirror)
-            fetched[name] = [p.name for p in paths]
-            log.info("%s: %d file(s) ready: %s", name, len(paths), ", ".join(p.name for p in paths))
+            if len(paths) == 1 and paths[0].is_dir():  # a folder dataset (tens of thousands of files): count them
+                fetched[name] = [paths[0].name + "/"]
+                log.info("%s: folder %s ready, %d file(s)", name, paths[0],
+                         sum(1 for q in paths[0].rglob("*") if q.is_file()))
+            else:
+                fetched[name] = [p.name for p in paths]
+                log.info("%s: %d file(s) ready: %s", name, len(paths), ", ".join(p.name for p in paths))
         tracking.log_dict({"mirror": str(mirror or ""), "files": fetched}, "fetch/files.json")
         tracking.log_metrics({"fetch/files": sum(len(v) for v in fetched.values())})
     log.info("fetch done: %d dataset(s), %d file(s)", len(fetched), sum(len(v) for v in fetched.values()))

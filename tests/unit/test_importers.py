@@ -137,7 +137,7 @@ def test_image_folder_quarantines_bad_files_and_reports_empty_classes(tmp_path: 
     (root / "fish").mkdir()
     (root / "fish/readme.md").write_text("x")
     (root / "top.png").write_bytes(good)
-    data = imp.import_image_folder(root, "mine")
+    data = imp.materialise(imp.import_image_folder(root, "mine"))
     assert sorted(data.meta["class"].unique()) == ["mine/cat", "mine/dog"]
     assert len(data.meta) == 4
     reasons = {Path(q.source_path).name: q.reason for q in data.quarantine}
@@ -160,7 +160,7 @@ def test_truncated_jpeg_is_quarantined_as_truncated(tmp_path: Path) -> None:
     p = _png(root / "a/x.jpg", size=(64, 64))
     _png(root / "a/ok.png")
     p.write_bytes(p.read_bytes()[:300])
-    data = imp.import_image_folder(root, "t")
+    data = imp.materialise(imp.import_image_folder(root, "t"))
     assert [Path(q.source_path).name for q in data.quarantine] == ["x.jpg"]
     assert "truncated" in data.quarantine[0].reason
 
@@ -181,7 +181,7 @@ def test_image_folder_without_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "t/a").mkdir(parents=True)
     (tmp_path / "t/a/x.txt").write_text("x")
     with pytest.raises(DataError, match=r"no usable image found \(1 file\(s\) quarantined\)"):
-        imp.import_image_folder(tmp_path / "t", "t")
+        imp.materialise(imp.import_image_folder(tmp_path / "t", "t"))
 
 
 def test_convert_batch_luma_and_area() -> None:

@@ -42,7 +42,17 @@ def test_load_split_labels_follow_sorted_class_names(store: Path) -> None:
     # each image's constant grey level identifies its class (ant ~10, mole ~100, zebra ~200)
     base = np.array([10, 100, 200])[s.labels]
     assert (s.images.reshape(6, -1).mean(1) - base >= 0).all() and (s.images.reshape(6, -1).mean(1) - base < 4).all()
-    assert not isinstance(s.images, np.memmap)
+    # a read-only memory-mapped slice of images.npy (no copy): splits are contiguous blocks of rows
+    assert isinstance(s.images, np.memmap) and not s.images.flags.writeable
+    whole = np.load(store / "toy" / "images.npy", mmap_mode="r")
+    ids = load_manifest(store, "toy").query("split == 'train'")["id"].to_numpy()
+    assert ids.tolist() == list(range(ids[0], ids[0] + 6))
+    assert s.images.filename == whole.filename  # the same file, mapped at this split's offset (no copy)
+    start = np.frombuffer(s.images._mmap, dtype=np.uint8).ctypes.data
+    assert s.images.__array_interface__["data"][0] - start == 128 + int(ids[0]) * 28 * 28
+    assert (s.images[[0, 5]] == whole[ids[[0, 5]]]).all()
+    with pytest.raises(ValueError, match="read-only"):
+        s.images[0, 0, 0, 0] = 1
 
 
 def test_manifest_rows_match_images(store: Path) -> None:
