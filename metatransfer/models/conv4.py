@@ -1,8 +1,10 @@
 """Conv-4, the backbone of the few-shot papers (Vinyals 2016, Snell 2017, Finn 2017).
 
 Four blocks of [3x3 conv with `hidden` channels, BatchNorm, ReLU, 2x2 max-pool];
-the output is flattened. At 28x28 input the spatial size goes 28→14→7→3→1, so
-features are `hidden`-dimensional (64 by default).
+the output is flattened, so `out_dim = hidden * (image_size // 16)^2` (each
+pool floors). At 28x28 input the spatial size goes 28→14→7→3→1 (features are
+`hidden`-dimensional, 64 by default); at 84x84, 84→42→21→10→5 (1600 with
+hidden 64, as in the miniImageNet papers); at 224x224 the map is 14x14.
 """
 
 from __future__ import annotations
