@@ -55,7 +55,8 @@ from metatransfer.data.store import SplitData, available, load_split
 from metatransfer.episodes import build_fixed_episodes
 from metatransfer.evaluation.episodic import episode_accuracies
 from metatransfer.evaluation.stats import mean_ci, paired_difference
-from metatransfer.stages.meta_train import backbone_spec, train_one
+from metatransfer.learners import backbone_spec
+from metatransfer.stages.meta_train import train_one
 from metatransfer.training.finetune import select_method
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The `pipeline` flow: data → episodes → meta_train → finetune → evaluate → promote.
+"""The `pipeline` flow: data → episodes → pretrain → meta_train → finetune → evaluate → promote.
 
 Each stage is a Prefect task that reproduces the DVC stage of the same name,
 so the flow and `dvc repro` run the same code and leave the same state; one
@@ -14,7 +14,7 @@ from prefect import flow
 from flows.data import data
 from tasks.recovery import recover_crashed_runs
 from tasks.registry import promote
-from tasks.stages import dvc_status, episodes, evaluate, finetune, meta_train
+from tasks.stages import dvc_status, episodes, evaluate, finetune, meta_train, pretrain
 from tasks.tracking import begin_run, end_run
 
 
@@ -35,7 +35,7 @@ def pipeline(root: str = ".", force: bool = False) -> dict:
     status = "FAILED"
     try:
         ran = data(root, run_id, force)["ran"]
-        for stage in (episodes, meta_train, finetune, evaluate):
+        for stage in (episodes, pretrain, meta_train, finetune, evaluate):
             ran += stage(root, run_id, force)
         promotion = promote(root, run_id)
         status = "FINISHED"

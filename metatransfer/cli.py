@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Reproduce the pipeline: `dvc repro` (default) runs what changed; --prefect runs "
                                      "the Prefect `pipeline` flow instead (same stages, same dvc.lock, plus promotion). "
                                      "Exit code 0 when every stage succeeded, 1 otherwise.")
-    run.add_argument("--stage", action="append", choices=["fetch", "prepare", "episodes", "meta_train", "finetune", "evaluate"],
+    run.add_argument("--stage", action="append", choices=["fetch", "prepare", "episodes", "pretrain", "meta_train", "finetune", "evaluate"],
                      help="stage to reproduce with its upstream stages (repeatable; default: all)")
     run.add_argument("--prefect", action="store_true", help="run the Prefect `pipeline` flow (all stages)")
     run.add_argument("--force", action="store_true", help="re-run even if nothing changed")

@@ -42,6 +42,14 @@ class ImageFolderParams:
     path: str
     role: str  # "source" (class-disjoint meta splits) or "target" (image splits)
     split_fractions: tuple[float, float, float]  # meta_train/meta_val/meta_test or train/val/test
+    # "auto" (train|training|val|valid|validation|test|testing top-level folders
+    # mean "split/class", else by file depth), "class", "split/class" or
+    # "domain/class". With "split/class" the given split is kept and
+    # split_fractions is not used (validation is carved by prepare.val_fraction).
+    layout: str = "auto"
+
+
+IMAGE_FOLDER_LAYOUTS = ("auto", "class", "split/class", "domain/class")
 
 
 @dataclass(frozen=True)
@@ -66,14 +74,63 @@ class PrepareParams:
     omniglot_protocol: str
     meta_val_classes: int
     image_folders: dict[str, ImageFolderParams] = field(default_factory=dict)
+    # Share of each class's training images carved (stratified, seeded) into
+    # `val` for datasets that come with a train/test split but no validation
+    # split (brain_tumor_mri, ham10000_mel_nv, split/class image folders).
+    val_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class PretrainedParams:
+    """External backbone weights (docs/models.md): a safetensors file and its SHA-256.
+
+    path: relative paths are relative to the project root (the folder of
+        params.yaml). Nothing is downloaded at run time.
+    sha256: 64 hex digits; a file with another checksum is refused.
+    """
+
+    path: str
+    sha256: str
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    """The backbone (see metatransfer.models.BackboneSpec)."""
+    """The backbone (see metatransfer.models.BackboneSpec).
+
+    stem: resnet18 only: "imagenet" (7x7 stride 2 + max-pool), "small"
+        (same 7x7 conv at stride 1, no max-pool) or "auto" (small below 64 px).
+    pretrained: initial backbone weights from a file (None: random init).
+    """
 
     name: str
     hidden: int
+    stem: str = "auto"
+    pretrained: PretrainedParams | None = None
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Training-time augmentation of image batches (metatransfer/augment.py).
+
+    Used under `finetune.augment` and `pretrain.augment`. Each enabled step
+    draws its randomness per image from a seeded torch.Generator.
+
+    enabled: False returns batches unchanged (every other key is then unused).
+    crop_scale: (min, max) share of the image area a random resized crop keeps,
+        0 < min <= max <= 1; (1, 1) with crop_ratio (1, 1) disables cropping.
+    crop_ratio: (min, max) aspect ratio (width / height) of the crop,
+        0 < min <= max.
+    hflip: flip each image left-right with probability 1/2.
+    color_jitter: strength s in [0, 1): brightness, contrast and saturation
+        factors drawn uniformly from [1 - s, 1 + s] (saturation: 3 channels
+        only); 0 disables it.
+    """
+
+    enabled: bool = False
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    color_jitter: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -114,7 +171,6 @@ class MetaTrainParams:
     n_query: int
     meta_batch_size: int
     steps: int
-    time_budget_s: float
     meta_lr: float
     val_every: int
     val_episodes: int
@@ -129,12 +185,78 @@ class MetaTrainParams:
     # "constant" or "cosine" outer learning rate over the budget, "fp32" or
     # "bf16" autocast for the training step, channels-last 4-D weights.
     lr_schedule: str = "constant"  # one of LR_SCHEDULES
-    precision: str = "fp32"  # one of PRECISIONS
+    # Deprecated: moved to runtime.precision ("" = use runtime.precision; a value
+    # from an older params file still wins, with a warning).
+    precision: str = ""
     channels_last: bool = False
+    # Where θ's backbone starts: "scratch" (random), "pretrain" (the
+    # `pretrain` stage's backbone, models/pretrain) or "pretrained_file"
+    # (model.pretrained only).
+    init: str = "scratch"
+    # Optional wall-clock guard per algorithm (seconds of training, validation
+    # excluded); 0 = off. Steps are the budget: a run this guard ends is not
+    # reproducible and is marked (MLflow tag budget_hit=time, a WARNING line,
+    # `budget_hit` in metrics/meta_train.json and the report).
+    time_budget_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """Supervised pre-training of the backbone on every source class (the `pretrain` stage).
+
+    datasets: source datasets whose meta_train split is pre-trained on (all
+        their classes, one softmax over the union).
+    head: "cosine" (Baseline++'s cosine classifier; the saved learner adapts
+        like `baselinepp`) or "linear" (Baseline).
+    steps: optimizer steps (the budget). 0 saves the initial backbone.
+    val_every / val_episodes / n_way / k_shot / n_query: the nearest-centroid
+        validation curve on fixed meta-val episodes of datasets[0].
+    """
+
+    datasets: tuple[str, ...]
+    head: str
+    steps: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    val_every: int = 100
+    val_episodes: int = 100
+    n_way: int = 5
+    k_shot: int = 1
+    n_query: int = 15
+    checkpoint_every: int = 100
+    augment: AugmentParams = field(default_factory=lambda: AugmentParams())
+
+
+PRETRAIN_HEADS = ("cosine", "linear")
+META_TRAIN_INITS = ("scratch", "pretrain", "pretrained_file")
 
 
 LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16 only on CUDA/MPS (metatransfer/runtime.py refuses it on the CPU)
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Where and how every stage runs (metatransfer/runtime.py, docs/reproducibility.md).
+
+    device: "auto" (CUDA, else MPS, else CPU), "cpu", "cuda" (or "cuda:N") or "mps".
+    threads: intra-op CPU threads (torch.set_num_threads, OMP/MKL_NUM_THREADS
+        for child processes); 0 = the machine's cores.
+    precision: "fp32", "bf16" or "fp16" autocast of training steps (fp16 is
+        refused on the CPU).
+    deterministic: torch.use_deterministic_algorithms(True) (+ the cuBLAS
+        workspace setting on CUDA): an op without a deterministic kernel raises.
+    """
+
+    device: str = "auto"
+    threads: int = 0
+    precision: str = "fp32"
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)
@@ -163,6 +285,8 @@ class FinetuneParams:
     patience: int
     force_method: str
     checkpoint_every: int = 50  # steps between checkpoints (0: only at the end)
+    # Batch augmentation of the labelled target images (metatransfer/augment.py).
+    augment: AugmentParams = field(default_factory=lambda: AugmentParams())
 
 
 @dataclass(frozen=True)
@@ -188,6 +312,11 @@ class PromoteParams:
     confidence: float
     n_episodes: int
     baseline: str
+    # The quality gate before registration (docs/reproducibility.md): a target
+    # model whose validation accuracy is not significantly above chance, or a
+    # learner whose validation-episode CI does not exceed 1/n_way, is not
+    # registered as a challenger. Tested at `confidence`.
+    quality_gate: bool = True
 
 
 @dataclass(frozen=True)
@@ -200,10 +329,13 @@ class Params:
     prepare: PrepareParams
     model: ModelParams
     episodes: EpisodesParams | None = None
+    pretrain: PretrainParams | None = None
     meta_train: MetaTrainParams | None = None
     finetune: FinetuneParams | None = None
     evaluate: EvaluateParams | None = None
     promote: PromoteParams | None = None
+    # Device, threads, precision, determinism of every stage (defaults: old params files load).
+    runtime: RuntimeParams = field(default_factory=lambda: RuntimeParams())
 
 
 # --------------------------------------------------------------------------- loading
@@ -284,11 +416,55 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
+def check_augment(a: AugmentParams, key: str) -> None:
+    """Range checks of one augmentation section; `key` is its path (e.g. "finetune.augment").
+
+    Raises:
+        ConfigError: naming the key, the allowed range and the value found.
+    """
+    lo, hi = a.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"{key}.crop_scale: must be [min, max] with 0 < min <= max <= 1, found {list(a.crop_scale)}")
+    lo, hi = a.crop_ratio
+    if not 0 < lo <= hi:
+        raise ConfigError(f"{key}.crop_ratio: must be [min, max] with 0 < min <= max, found {list(a.crop_ratio)}")
+    if not 0 <= a.color_jitter < 1:
+        raise ConfigError(f"{key}.color_jitter: must be in [0, 1) (0: off), found {a.color_jitter}")
+
+
+def _sections_of_type(obj: Any, cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every (key path, value) of type `cls` nested in dataclasses/dicts, so new sections are checked too."""
+    if isinstance(obj, cls):
+        return [(prefix, obj)]
+    if dataclasses.is_dataclass(obj):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        items = list(obj.items())
+    else:
+        return []
+    out = []
+    for name, value in items:
+        out += _sections_of_type(value, cls, f"{prefix}.{name}" if prefix else str(name))
+    return out
+
+
 def _check_ranges(p: Params) -> None:
     """Value checks that types alone cannot express."""
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
+
+    from metatransfer.models.resnet18 import STEMS
+
+    need(p.model.stem in STEMS, "model.stem", f"must be one of {list(STEMS)}, found {p.model.stem!r}")
+    if p.model.pretrained is not None:
+        w = p.model.pretrained
+        need(bool(w.path.strip()), "model.pretrained.path", "must name a safetensors file, found an empty string")
+        need(len(w.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in w.sha256),
+             "model.pretrained.sha256", f"must be 64 hex digits (sha256sum FILE), found {w.sha256!r}")
+    # Wherever an augmentation section sits (finetune.augment, pretrain.augment, ...).
+    for key, a in _sections_of_type(p, AugmentParams):
+        check_augment(a, key)
 
     need(p.prepare.image_size >= 16, "prepare.image_size", f"must be >= 16, found {p.prepare.image_size}")
     need(p.prepare.channels in (1, 3), "prepare.channels", f"must be 1 or 3, found {p.prepare.channels}")
@@ -298,11 +474,15 @@ def _check_ranges(p: Params) -> None:
         f"must be one of ['background_evaluation', 'vinyals'], found {p.prepare.omniglot_protocol!r}",
     )
     need(p.prepare.meta_val_classes >= 0, "prepare.meta_val_classes", f"must be >= 0, found {p.prepare.meta_val_classes}")
+    need(0 <= p.prepare.val_fraction < 1, "prepare.val_fraction",
+         f"must be in [0, 1) (share of training images per class moved to val), found {p.prepare.val_fraction}")
     for name, f in p.prepare.image_folders.items():
         key = f"prepare.image_folders.{name}"
         need(f.role in ("source", "target"), f"{key}.role", f"must be 'source' or 'target', found {f.role!r}")
         need(all(x >= 0 for x in f.split_fractions) and abs(sum(f.split_fractions) - 1) < 1e-6,
              f"{key}.split_fractions", f"must be three non-negative numbers summing to 1, found {list(f.split_fractions)}")
+        need(f.layout in IMAGE_FOLDER_LAYOUTS, f"{key}.layout",
+             f"must be one of {list(IMAGE_FOLDER_LAYOUTS)}, found {f.layout!r}")
     if p.episodes is not None:
         for name, e in p.episodes.sets.items():
             key = f"episodes.sets.{name}"
@@ -310,6 +490,20 @@ def _check_ranges(p: Params) -> None:
             need(len(e.shots) >= 1 and all(k >= 1 for k in e.shots), f"{key}.shots", f"must be a non-empty list of integers >= 1, found {list(e.shots)}")
             need(e.n_query >= 1, f"{key}.n_query", f"must be >= 1, found {e.n_query}")
             need(e.n_episodes >= 2, f"{key}.n_episodes", f"must be >= 2 (a confidence interval needs two), found {e.n_episodes}")
+    if p.pretrain is not None:
+        t = p.pretrain
+        need(len(t.datasets) >= 1, "pretrain.datasets", "must name at least one source dataset")
+        need(t.head in PRETRAIN_HEADS, "pretrain.head", f"must be one of {list(PRETRAIN_HEADS)}, found {t.head!r}")
+        need(t.steps >= 0, "pretrain.steps", f"must be >= 0, found {t.steps}")
+        need(t.lr > 0 and t.lr < float("inf"), "pretrain.lr", f"must be a finite number > 0, found {t.lr}")
+        need(t.weight_decay >= 0, "pretrain.weight_decay", f"must be >= 0, found {t.weight_decay}")
+        need(0 <= t.label_smoothing < 1, "pretrain.label_smoothing", f"must be in [0, 1), found {t.label_smoothing}")
+        need(t.optimizer in ("adam", "sgd"), "pretrain.optimizer", f"must be 'adam' or 'sgd', found {t.optimizer!r}")
+        need(t.lr_schedule in LR_SCHEDULES, "pretrain.lr_schedule", f"must be one of {list(LR_SCHEDULES)}, found {t.lr_schedule!r}")
+        for key in ("batch_size", "val_every", "val_episodes", "k_shot", "n_query"):
+            need(getattr(t, key) >= 1, f"pretrain.{key}", f"must be >= 1, found {getattr(t, key)}")
+        need(t.n_way >= 2, "pretrain.n_way", f"must be >= 2, found {t.n_way}")
+        need(t.checkpoint_every >= 0, "pretrain.checkpoint_every", f"must be >= 0 (0: only at the end), found {t.checkpoint_every}")
     if p.meta_train is not None:
         m = p.meta_train
         for key in ("n_way", "k_shot", "n_query", "meta_batch_size", "val_every", "val_episodes"):
@@ -320,9 +514,16 @@ def _check_ranges(p: Params) -> None:
         need(m.meta_lr > 0, "meta_train.meta_lr", f"must be > 0, found {m.meta_lr}")
         need(m.lr_schedule in LR_SCHEDULES, "meta_train.lr_schedule",
              f"must be one of {list(LR_SCHEDULES)}, found {m.lr_schedule!r}")
-        need(m.precision in PRECISIONS, "meta_train.precision",
-             f"must be one of {list(PRECISIONS)}, found {m.precision!r}")
+        need(m.precision in ("", *PRECISIONS), "meta_train.precision",
+             f"(deprecated: use runtime.precision) must be one of {list(PRECISIONS)}, found {m.precision!r}")
+        need(m.time_budget_s >= 0, "meta_train.time_budget_s",
+             f"must be >= 0 (0: no wall-clock guard; steps are the budget), found {m.time_budget_s}")
         need(m.n_way >= 2, "meta_train.n_way", f"must be >= 2, found {m.n_way}")
+        need(m.init in META_TRAIN_INITS, "meta_train.init", f"must be one of {list(META_TRAIN_INITS)}, found {m.init!r}")
+        need(m.init != "pretrain" or p.pretrain is not None, "meta_train.init",
+             "is 'pretrain' but params has no `pretrain` section; add one or use 'scratch'")
+        need(m.init != "pretrained_file" or getattr(p.model, "pretrained", None) is not None, "meta_train.init",
+             "is 'pretrained_file' but model.pretrained is not set; set {path, sha256} or use 'scratch'")
         need(len(m.sources) >= 1, "meta_train.sources", "must name at least one source dataset")
         need(all(s.weight > 0 for s in m.sources), "meta_train.sources", "every weight must be > 0")
         from metatransfer.algorithms import REGISTRY, algorithm_class
@@ -340,9 +541,9 @@ def _check_ranges(p: Params) -> None:
         for key in ("steps", "patience", "val_per_class", "checkpoint_every"):
             need(getattr(f, key) >= 0, f"finetune.{key}", f"must be >= 0, found {getattr(f, key)}")
         need(f.lr > 0, "finetune.lr", f"must be > 0, found {f.lr}")
-        known = set(p.meta_train.algorithms if p.meta_train else ()) | {"scratch"}
+        known = set(p.meta_train.algorithms if p.meta_train else ()) | {"scratch"} | ({"pretrain"} if p.pretrain else set())
         for name in f.methods:
-            need(name in known, "finetune.methods", f"{name!r} is neither meta-trained (meta_train.algorithms) nor 'scratch'; allowed: {sorted(known)}")
+            need(name in known, "finetune.methods", f"{name!r} is neither meta-trained (meta_train.algorithms), 'pretrain' (with a pretrain section) nor 'scratch'; allowed: {sorted(known)}")
         need(not f.force_method or f.force_method in f.methods, "finetune.force_method",
              f"must be '' or one of finetune.methods {list(f.methods)}, found {f.force_method!r}")
     if p.promote is not None:
@@ -354,6 +555,13 @@ def _check_ranges(p: Params) -> None:
             need(g.baseline in p.finetune.methods, "promote.baseline",
                  f"must be one of finetune.methods {list(p.finetune.methods)} (its target model is what a first "
                  f"champion must beat), found {g.baseline!r}")
+    r = p.runtime
+    need(r.device in DEVICES or (r.device.startswith("cuda:") and r.device[5:].isdigit()), "runtime.device",
+         f"must be one of {list(DEVICES)} or cuda:N, found {r.device!r}")
+    need(r.threads >= 0, "runtime.threads", f"must be >= 0 (0: the machine's cores), found {r.threads}")
+    need(r.precision in PRECISIONS, "runtime.precision", f"must be one of {list(PRECISIONS)}, found {r.precision!r}")
+    need(not (r.precision == "fp16" and r.device == "cpu"), "runtime.precision",
+         "'fp16' on the CPU is refused (slower than fp32 and less accurate); use 'bf16' or 'fp32', or a GPU device")
     if p.evaluate is not None:
         need(0 < p.evaluate.confidence < 1, "evaluate.confidence", f"must be in (0, 1), found {p.evaluate.confidence}")
 

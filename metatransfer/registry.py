@@ -42,6 +42,16 @@ import numpy as np
 
 from metatransfer.errors import MetatransferError
 from metatransfer.evaluation.stats import MeanCI, paired_difference
+from metatransfer.quality import (  # noqa: F401  (re-exported: the gate before registration)
+    QUALITY_TAG,
+    QualityVerdict,
+    learner_gate,
+    learner_passed,
+    learner_quality,
+    majority_rate,
+    target_gate,
+    target_quality,
+)
 
 log = logging.getLogger(__name__)
 
@@ -290,10 +300,17 @@ def register_finetune_result(root: str | Path, target: str, entry: dict[str, Any
     Returns:
         {"model": {"name", "version"}, "learner": {"name", "version"} or None}.
     """
-    client = client_for(root)
     chosen = entry["chosen"]
+    gate = (entry.get("methods", {}).get(chosen) or {}).get(QUALITY_TAG) or {}
+    if gate and not gate.get("passed", True):
+        # The last line of defence: `publish_finetune_result` does not even log such a model.
+        log.warning("%s: %s not registered as %s: quality gate refused it (%s)", target, chosen, CHALLENGER,
+                    gate.get("reason", ""))
+        return {"model": None, "learner": None, "refused": gate.get("reason", "quality gate")}
+    client = client_for(root)
     tags = {
         **provenance_tags(root), "target": target, "method": chosen, "mlflow_run_id": run_id,
+        QUALITY_TAG: "passed" if gate else "not_tested", "quality_reason": gate.get("reason", ""),
         "val_acc": f"{entry['methods'][chosen]['val_acc']:.6f}", "selection_reason": entry.get("reason", ""),
         "validation_table": json.dumps(entry.get("methods", {}), sort_keys=True, default=float),
     }
@@ -314,6 +331,51 @@ def register_finetune_result(root: str | Path, target: str, entry: dict[str, Any
     return out
 
 
+def publish_finetune_result(root: str | Path, params: Any, target: str, entry: dict[str, Any], folder: str | Path,
+                            run_id: str = "") -> dict[str, Any]:
+    """Log the chosen target model (and its learner) to the active MLflow run and register them as challengers,
+    unless the quality gate refused them.
+
+    Args:
+        root: project root.
+        params: loaded params (image shape, promote settings).
+        target: the target dataset.
+        entry: the selection entry (with `methods[m].quality_gate` verdicts, see `target_gate`).
+        folder: the chosen target model's folder.
+        run_id: the active MLflow run.
+
+    Returns:
+        The run-specific facts (not a DVC output): {"model_uri", "learner_uri", "registered", "refused"}.
+    """
+    import mlflow
+
+    from metatransfer import tracking
+
+    chosen = entry["chosen"]
+    gate = (entry["methods"][chosen].get(QUALITY_TAG) or {})
+    facts: dict[str, Any] = {"chosen": chosen, "model_uri": None, "learner_uri": None,
+                             "registered": {"model": None, "learner": None}, "refused": None}
+    if gate and not gate.get("passed", True):
+        facts["refused"] = gate.get("reason", "")
+        mlflow.set_tag(f"{target}/{QUALITY_TAG}", "refused")
+        log.warning("%s: quality gate: target model %s NOT registered as %s: %s", target, chosen, CHALLENGER,
+                    facts["refused"])
+        return facts
+    mlflow.set_tag(f"{target}/{QUALITY_TAG}", "passed")
+    n_classes = len(json.loads((Path(folder) / "config.json").read_text())["class_names"])
+    facts["model_uri"] = tracking.log_target_model(folder, params.prepare.channels, params.prepare.image_size,
+                                                   n_classes, name=f"target_{target}")
+    ok, why = learner_passed(root, chosen)
+    if ok:
+        facts["learner_uri"] = log_learner_for(chosen, params, root, target)
+    else:
+        log.warning("%s: quality gate: learner %s NOT registered as %s: %s", target, chosen, CHALLENGER, why)
+        facts["learner_refused"] = why
+    facts["registered"] = register_finetune_result(root, target, entry, facts["model_uri"], facts["learner_uri"],
+                                                   run_id)
+    return facts
+
+
 def log_learner_for(method: str, params: Any, root: str | Path, target: str) -> str:
     """Log the few-shot learner of `method` (inside the active run) and return its model URI.
 
@@ -322,11 +384,13 @@ def log_learner_for(method: str, params: Any, root: str | Path, target: str) -> 
     from metatransfer import tracking
 
     channels, size = params.prepare.channels, params.prepare.image_size
-    folder = Path(root) / "models" / "meta" / method
+    from metatransfer.learners import method_folder
+
+    folder = method_folder(method, Path(root))
     if method != "scratch" and folder.is_dir():
         return tracking.log_few_shot_model(folder, channels, size, name=f"learner_{target}")
     from metatransfer.artifacts import save_learner
-    from metatransfer.stages.finetune import load_method
+    from metatransfer.learners import load_method
 
     with tempfile.TemporaryDirectory() as tmp:
         save_learner(load_method(method, params, Path(root)), Path(tmp) / method)
@@ -484,6 +548,11 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
     if before == cv:
         return PromotionResult(target, name, "already_champion", f"version {cv} is already the champion",
                                cv, before, before, f"champion v{before}")
+    if challenger.tags.get(QUALITY_TAG) == "refused":
+        # Never registered by the pipeline; a version tagged by hand must not slip through either.
+        reason = f"version {cv} failed the quality gate ({challenger.tags.get('quality_reason', '')}); not promotable"
+        log.warning("%s: %s", name, reason)
+        return PromotionResult(target, name, "rejected", reason, cv, before, before, "quality gate")
 
     images, labels, fingerprint = _test_images(params, root, target)
     episodes = gate_episodes(len(labels), settings.n_episodes, settings.seed)

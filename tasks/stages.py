@@ -27,6 +27,12 @@ def episodes(root: str, parent_run_id: str | None = None, force: bool = False) -
     return dvc_stages.reproduce_stage("episodes", root, force=force, parent_run_id=parent_run_id)
 
 
+@task(name="pretrain")
+def pretrain(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
+    """Supervised pre-training of the backbone on every source class."""
+    return dvc_stages.reproduce_stage("pretrain", root, force=force, parent_run_id=parent_run_id)
+
+
 @task(name="meta_train")
 def meta_train(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Meta-train every configured algorithm."""

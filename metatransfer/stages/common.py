@@ -50,9 +50,13 @@ def run_stage(stage: str, argv: list[str] | None, body) -> int:
 
     try:
         params, root = setup(stage, argv)
-        if stage in ("episodes", "meta_train", "finetune", "evaluate") and getattr(params, stage) is None:
+        if stage in ("episodes", "pretrain", "meta_train", "finetune", "evaluate") and getattr(params, stage) is None:
             logging.getLogger(stage).error("params.yaml has no `%s` section; add it (see the README)", stage)
             return 2
+        from metatransfer import runtime
+
+        # Threads, determinism and the load warning before any tensor work (params.yaml `runtime:`).
+        runtime.apply(params)
         body(params, root)
         return 0
     except MetatransferError as exc:

@@ -20,7 +20,8 @@ from metatransfer.episodes import load_fixed_episodes
 from metatransfer.evaluation.episodic import episode_accuracies
 from metatransfer.evaluation.stats import mean_ci, paired_difference
 from metatransfer.stages.episodes import episode_path
-from metatransfer.stages.finetune import load_method, to_float
+from metatransfer.learners import load_method, method_folder
+from metatransfer.stages.finetune import to_float
 from metatransfer.training.finetune import load_target_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def verify_meta_models(methods: tuple[str, ...], root: Path) -> None:
     for method in methods:
         sha = (recorded.get(method) or {}).get("weights_sha256")
         if sha:
-            verify_weights(root / "models" / "meta" / method, sha)
+            verify_weights(method_folder(method, root), sha)
 
 
 def evaluate_episodes(params: Params, root: Path) -> dict[str, dict[str, dict[int, np.ndarray]]]:
@@ -52,7 +53,10 @@ def evaluate_episodes(params: Params, root: Path) -> dict[str, dict[str, dict[in
     assert params.episodes is not None and params.evaluate is not None
     prepared = root / params.data.prepared_dir
     verify_meta_models(params.evaluate.methods, root)
-    learners = {m: load_method(m, params, root) for m in params.evaluate.methods}
+    from metatransfer import runtime
+
+    device = runtime.device_for(params)  # learners adapt and predict there; episodes move with them
+    learners = {m: load_method(m, params, root).to(device) for m in params.evaluate.methods}
     out: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     for set_name, s in params.episodes.sets.items():
         split = load_split(prepared, s.dataset, s.split)
@@ -95,18 +99,22 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
     out: dict[str, Any] = {}
     if params.finetune is None:
         return out
+    from metatransfer import runtime
+
+    device = runtime.device_for(params)
     prepared = root / params.data.prepared_dir
     for target in params.finetune.targets:
         test = load_split(prepared, target, "test")
-        x, y = to_float(test.images), torch.from_numpy(test.labels.astype(np.int64))
+        x, y = to_float(test.images).to(device), torch.from_numpy(test.labels.astype(np.int64)).to(device)
         selection = json.loads((root / "models" / "target" / target / "selection.json").read_text())
         out[target] = {"chosen": selection["chosen"], "reason": selection["reason"], "methods": {}}
         for method in params.finetune.methods:
             model = load_target_model(root / "models" / "target" / target / method,
-                                      expected_sha256=selection["methods"][method].get("weights_sha256"))
+                                      expected_sha256=selection["methods"][method].get("weights_sha256")).to(device)
             with torch.no_grad():
                 feats = torch.cat([model.backbone(x[i : i + 512]) for i in range(0, len(x), 512)])
                 pred = model.head(feats).argmax(1)
+            feats, pred = feats.cpu(), pred.cpu()
             if method == selection["chosen"]:
                 from metatransfer.evaluation.plots import plot_confusion_matrix, plot_embedding_map
 
@@ -116,12 +124,15 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
                 plot_embedding_map(feats.numpy(), test.labels, list(test.class_names),
                                    f"{target}: {method} backbone features (PCA), test split",
                                    out_dir / f"{target}_embedding.png")
-            correct = (pred == y).double().numpy()
+            correct = (pred == y.cpu()).double().numpy()
             ci = mean_ci(correct, confidence)
             per_class = [float(correct[test.labels == c].mean()) for c in range(len(test.class_names))]
             out[target]["methods"][method] = {"test_acc": ci.mean, "test_acc_ci95": ci.ci, "images": ci.n,
                                               "balanced_acc": float(np.mean(per_class)),
                                               "val_acc": selection["methods"][method]["val_acc"]}
+            gate = selection["methods"][method].get("quality_gate")
+            if gate:  # recorded by finetune: was this model good enough to be registered at all?
+                out[target]["methods"][method]["quality_gate"] = {"passed": gate["passed"], "reason": gate["reason"]}
     return out
 
 
@@ -147,7 +158,11 @@ def write_report(path: Path, table: dict[str, Any], targets: dict[str, Any], ref
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for target, t in targets.items():
         lines += ["", f"## Target models: {target} (full test split)", "",
-                  f"Shipped: **{t['chosen']}**, {t['reason']}.", "",
+                  f"Shipped: **{t['chosen']}**, {t['reason']}.", ""]
+        chosen_gate = t["methods"].get(t["chosen"], {}).get("quality_gate")
+        if chosen_gate and not chosen_gate["passed"]:
+            lines += [f"**Not registered** (quality gate: {chosen_gate['reason']}).", ""]
+        lines += [
                   "| method | val acc | test acc (%) ± CI | balanced acc |", "|---|---|---|---|"]
         for method, r in t["methods"].items():
             mark = " (shipped)" if method == t["chosen"] else ""

@@ -22,12 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from metatransfer.algorithms import build_algorithm
-from metatransfer.algorithms.base import MetaLearner
-from metatransfer.artifacts import load_learner
 from metatransfer.config import FinetuneParams, Params
 from metatransfer.data.store import SplitData, load_split
-from metatransfer.stages.meta_train import backbone_spec
+from metatransfer.learners import load_method
 from metatransfer.episodes import split_fingerprint
 from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint, state_digest
 from metatransfer.training.finetune import FinetuneResult, FinetuneSettings, finetune, select_method
@@ -59,16 +56,6 @@ def per_class_subset(split: SplitData, per_class: int, seed: int) -> tuple[torch
     return to_float(split.images[sel]), torch.from_numpy(split.labels[sel].astype(np.int64))
 
 
-def load_method(method: str, params: Params, root: Path) -> MetaLearner:
-    """The meta-trained learner of `method`, or a fresh seeded one for "scratch"."""
-    if method == "scratch":
-        torch.manual_seed(params.seed)
-        m = params.meta_train
-        return build_algorithm("scratch", backbone_spec(params), m.n_way if m else 5,
-                               (m.hparams.get("scratch") if m else None))
-    return load_learner(root / "models" / "meta" / method)
-
-
 def finetune_target(
     target: str, params: Params, root: Path, sink_factory=None
 ) -> tuple[dict[str, FinetuneResult], str, str]:
@@ -79,7 +66,10 @@ def finetune_target(
     val = load_split(prepared, target, "val")
     train_x, train_y = per_class_subset(train, f.shots_per_class, params.seed)
     val_x, val_y = per_class_subset(val, f.val_per_class, params.seed + 1)
-    settings = FinetuneSettings(f.steps, f.lr, f.batch_size, f.train_layers, f.eval_every, f.patience)
+    from metatransfer import runtime
+
+    settings = FinetuneSettings(f.steps, f.lr, f.batch_size, f.train_layers, f.eval_every, f.patience,
+                                device=str(runtime.device_for(params)), precision=runtime.settings_of(params).precision)
     results: dict[str, FinetuneResult] = {}
     for method in f.methods:
         learner = load_method(method, params, root)
@@ -126,18 +116,16 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             entry: dict[str, Any] = {"chosen": chosen, "reason": reason, "methods": {}}
             for method, r in results.items():
                 sums = save_target_model(r.model, out / target / method, extra={"val_acc": r.val_acc, "best_step": r.best_step})
+                gate = registry.target_gate(r.val_correct, r.val_n, r.val_chance, params)
                 entry["methods"][method] = {"val_acc": r.val_acc, "best_step": r.best_step, "steps": r.steps_done,
-                                            "weights_sha256": sums["model.safetensors"]}
+                                            "weights_sha256": sums["model.safetensors"], registry.QUALITY_TAG: gate.to_dict()}
                 tracking.log_metrics({f"{target}/{method}/val_acc": r.val_acc})
-            n_classes = len(results[chosen].model.class_names)
-            entry["model_uri"] = tracking.log_target_model(
-                out / target / chosen, params.prepare.channels, params.prepare.image_size, n_classes,
-                name=f"target_{target}")
-            learner_uri = registry.log_learner_for(chosen, params, root, target)
-            entry["registered"] = registry.register_finetune_result(root, target, entry, entry["model_uri"], learner_uri,
-                                                                    run.info.run_id)
+            # Logs and registers the chosen model unless the quality gate refused it. Its URIs and
+            # versions are run-specific: MLflow + reports/run_facts.json, not selection.json (a DVC output).
+            facts = registry.publish_finetune_result(root, params, target, entry, out / target / chosen, run.info.run_id)
+            tracking.record_run_facts(root, "finetune", {"run_id": run.info.run_id, target: facts})
             write_json(out / target / "selection.json", entry)
-            tracking.log_dict(entry, f"selection/{target}.json")
+            tracking.log_dict({**entry, **facts}, f"selection/{target}.json")
             tracking.log_metrics({f"{target}/selected_val_acc": results[chosen].val_acc})
             png = plot_curves({m: r.curve for m, r in results.items()}, "step", "val_acc",
                               f"{target}: target validation accuracy during fine-tuning", root / "plots" / "finetune" / f"{target}.png")

@@ -12,6 +12,7 @@ final one) and the folder is deleted once the stage has succeeded.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from metatransfer.artifacts import save_learner
 from metatransfer.config import MetaTrainParams, Params, flatten
 from metatransfer.data.store import SplitData, load_split
 from metatransfer.episodes import build_fixed_episodes, split_fingerprint
-from metatransfer.models import BackboneSpec
-from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint
+from metatransfer.errors import ConfigError
+from metatransfer.learners import backbone_spec, init_backbone
+from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint, state_digest
 from metatransfer.training.meta_train import MetricSink, TrainResult, TrainSettings, meta_train
 from metatransfer.training.sources import mixed_source_sampler
 
@@ -36,17 +38,8 @@ CHECKPOINT_DIR = "checkpoints/meta_train"
 CODE_PATHS = ("algorithms", "models", "episodes.py", "training", "stages/meta_train.py")
 
 
-def backbone_spec(params: Params) -> BackboneSpec:
-    """The backbone every stage builds, from the `model` and `prepare` sections."""
-    return BackboneSpec(
-        name=params.model.name,
-        in_channels=params.prepare.channels,
-        image_size=params.prepare.image_size,
-        hidden=params.model.hidden,
-    )
-
-
-def checkpoint_fingerprint(algorithm: str, params: Params, splits: list[SplitData]) -> str:
+def checkpoint_fingerprint(algorithm: str, params: Params, splits: list[SplitData],
+                           initial_state: dict[str, torch.Tensor] | None = None) -> str:
     """Identity of one algorithm's training run: what must match to resume its checkpoint.
 
     Covers the seed, backbone, image shape, every meta_train setting except the
@@ -55,10 +48,12 @@ def checkpoint_fingerprint(algorithm: str, params: Params, splits: list[SplitDat
     """
     skip = ("meta_train.algorithms", "meta_train.checkpoint_every")
     keys = {k: v for k, v in flatten(params).items()
-            if (k in ("seed", "prepare.image_size", "prepare.channels") or k.startswith(("model.", "meta_train.")))
+            if (k in ("seed", "prepare.image_size", "prepare.channels") or k.startswith(("model.", "meta_train.", "runtime.")))
             and k not in skip and (not k.startswith("meta_train.hparams.") or k.startswith(f"meta_train.hparams.{algorithm}."))}
     return fingerprint({"algorithm": algorithm, "params": keys, "data": [split_fingerprint(s) for s in splits],
-                        "code": code_digest(CODE_PATHS)})
+                        "code": code_digest(CODE_PATHS),
+                        # θ's starting point (a re-run pretrain stage changes it under meta_train.init: pretrain)
+                        "init": state_digest(initial_state) if initial_state is not None else None})
 
 
 def train_one(
@@ -67,6 +62,7 @@ def train_one(
     prepared_dir: Path,
     sink: MetricSink | None = None,
     checkpoint_dir: Path | None = None,
+    root: Path | None = None,
 ) -> TrainResult:
     """Meta-train one algorithm as configured (core of the stage, no file output).
 
@@ -76,6 +72,7 @@ def train_one(
         prepared_dir: the prepared store.
         sink: optional metric logger.
         checkpoint_dir: optional; checkpoint there and resume from it (see module doc).
+        root: the project root; needed with `meta_train.init: pretrain` (reads models/pretrain).
     """
     m: MetaTrainParams = params.meta_train  # type: ignore[assignment]
     splits = [load_split(prepared_dir, s.dataset, "meta_train") for s in m.sources]
@@ -89,28 +86,36 @@ def train_one(
     learner = build_algorithm(
         algorithm, backbone_spec(params), m.n_way, m.hparams.get(algorithm), num_classes=source.num_classes
     )
+    if m.init != "scratch":
+        if root is None:
+            raise ConfigError(f"meta_train.init is {m.init!r}: train_one needs the project root (root=...) to read "
+                              "the initial weights")
+        init_backbone(learner, params, root)
+    from metatransfer import runtime
+
+    learner.to(runtime.device_for(params))  # params.yaml `runtime.device`; saved weights are CPU copies
     settings = TrainSettings(
         steps=m.steps, meta_batch_size=m.meta_batch_size, meta_lr=m.meta_lr,
-        val_every=m.val_every, time_budget_s=m.time_budget_s,
+        val_every=m.val_every, time_budget_s=m.time_budget_s or math.inf,  # 0: no wall-clock guard
         max_consecutive_faults=m.max_consecutive_faults,
-        lr_schedule=m.lr_schedule, precision=m.precision, channels_last=m.channels_last,
+        lr_schedule=m.lr_schedule, precision=runtime.precision_for(params), channels_last=m.channels_last,
     )
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = CheckpointConfig(
             folder=checkpoint_dir, every=m.checkpoint_every,
-            fingerprint=checkpoint_fingerprint(algorithm, params, [*splits, val_split]),
+            fingerprint=checkpoint_fingerprint(algorithm, params, [*splits, val_split], learner.state_dict()),
         )
     from metatransfer.progress import progress
 
-    with progress(m.steps, f"meta_train {algorithm}", unit="step", time_budget_s=m.time_budget_s) as bar:
+    with progress(m.steps, f"meta_train {algorithm}", unit="step", time_budget_s=m.time_budget_s or None) as bar:
         return meta_train(learner, source.sample, val_episodes, settings, sink=sink, checkpoint=ckpt,
                           on_step=lambda step, loss, acc: bar.update_to(step, loss=loss, acc=acc))
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
     """Train every algorithm, save models, metrics and curves; log to MLflow."""
-    from metatransfer import preflight, tracking
+    from metatransfer import preflight, registry, tracking
     from metatransfer.evaluation.plots import plot_curves
     from metatransfer.stages.common import write_json
 
@@ -120,33 +125,48 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     prepared = root / params.data.prepared_dir
     models_dir, plots_dir = root / "models" / "meta", root / "plots" / "meta_train"
     summary: dict[str, Any] = {}
+    facts: dict[str, Any] = {}  # run-specific (timings, MLflow URIs): reports/run_facts.json + MLflow, not DVC outputs
     curves: dict[str, list[dict[str, float]]] = {}
-    with tracking.stage_run("meta_train", root, flatten(params)):
+    with tracking.stage_run("meta_train", root, flatten(params)) as stage_run:
         for s in m.sources:
             tracking.log_dataset(f"{s.dataset}/meta_train", str(prepared / s.dataset), tracking.dvc_out_md5(root, "data/prepared"), "meta_train")
         for algorithm in m.algorithms:
             with tracking.child_run(f"meta_train/{algorithm}", tags={"algorithm": algorithm, "stage": "meta_train"}):
                 tracking.log_params({f"algorithm": algorithm, **{f"hparams.{k}": v for k, v in (m.hparams.get(algorithm) or {}).items()}})
                 result = train_one(algorithm, params, prepared, sink=tracking.metric_sink(),
-                                   checkpoint_dir=root / CHECKPOINT_DIR / algorithm)
+                                   checkpoint_dir=root / CHECKPOINT_DIR / algorithm, root=root)
                 sums = save_learner(result.learner, models_dir / algorithm, extra={"best_step": result.best_step})
                 # Recorded in MLflow so a loaded artifact can be checked against the run that made it.
                 tracking.log_params({"weights_sha256": sums["model.safetensors"],
                                      "resumed_from_step": result.resumed_from if result.resumed_from is not None else "none"})
-                uri = tracking.log_few_shot_model(models_dir / algorithm, params.prepare.channels, params.prepare.image_size,
-                                                  name=f"learner_{algorithm}")
+                gate = registry.learner_gate(result.best_val_episode_accs, m.n_way, params)
+                uri = None
+                if gate.passed:
+                    uri = tracking.log_few_shot_model(models_dir / algorithm, params.prepare.channels,
+                                                      params.prepare.image_size, name=f"learner_{algorithm}")
+                else:  # still saved above (a DVC output: the pipeline goes on), never logged as a model
+                    log.warning("%s: quality gate: learner NOT logged or registered as a challenger: %s",
+                                algorithm, gate.reason)
+                mlflow_tags = {registry.QUALITY_TAG: "passed" if gate.passed else "refused",
+                               "quality_reason": gate.reason, "budget_hit": result.budget_hit or "none"}
+                tracking.set_tags({**mlflow_tags, **({"model_uri": uri} if uri else {})})
+                # Only what the params and data determine: this file is a DVC metric and must not churn.
                 summary[algorithm] = {
                     "best_val_acc": result.best_val_acc, "best_step": result.best_step,
-                    "steps": result.steps_done, "seconds": round(result.seconds, 2),
-                    "faults": result.faults, "weights_sha256": sums["model.safetensors"], "model_uri": uri,
+                    "steps": result.steps_done, "faults": result.faults, "budget_hit": result.budget_hit or "none",
+                    "weights_sha256": sums["model.safetensors"], registry.QUALITY_TAG: gate.to_dict(),
                 }
+                facts[algorithm] = {"model_uri": uri, "seconds": round(result.seconds, 2),
+                                    "train_seconds": round(result.train_seconds, 2), "budget_hit": result.budget_hit or "none"}
                 tracking.log_metrics({"val/best_acc": result.best_val_acc, "meta_train/seconds": result.seconds,
                                       "meta_train/steps": result.steps_done, "meta_train/nonfinite_total": result.faults})
                 curves[algorithm] = result.val_curve
-                write_json(plots_dir / f"{algorithm}.json", result.val_curve)
+                # The DVC plot keeps (step, acc) only: wall seconds differ run to run (they are in MLflow).
+                write_json(plots_dir / f"{algorithm}.json", [{"step": r["step"], "acc": r["acc"]} for r in result.val_curve])
         png = plot_curves(curves, "step", "acc", "meta-val accuracy during meta-training", plots_dir / "val_curve.png")
         tracking.log_artifact(png, "plots")
         write_json(root / "metrics" / "meta_train.json", summary)
+        tracking.record_run_facts(root, "meta_train", {"run_id": stage_run.info.run_id, "algorithms": facts})
     # Only now: a kill before this line resumes every algorithm from its checkpoints.
     clear_checkpoints(root / CHECKPOINT_DIR)
     return summary

@@ -23,6 +23,7 @@ import os, sys, time
 from pathlib import Path
 from metatransfer import tracking  # import first: the race starts at the same moment for all
 root, index, steps, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+(go.parent / f"ready{index}").touch()  # the barrier: imports done, waiting for the others
 while not go.exists():
     time.sleep(0.01)
 with tracking.stage_run("meta_train", root, {f"p{j}": j for j in range(%d)}):
@@ -46,7 +47,13 @@ def test_eight_writers_on_a_new_store_lose_nothing(tmp_path: Path) -> None:
                          cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(PROCESSES)
     ]
-    time.sleep(2.0)  # let them import; then all hit the new store together
+    # Barrier: release all writers together only once every one has imported,
+    # however slow the machine, so the race on the new store is always exercised.
+    deadline = time.monotonic() + 240
+    while not all((tmp_path / f"ready{i}").exists() for i in range(PROCESSES)):
+        assert all(p.poll() is None for p in procs), "a worker died before the barrier"
+        assert time.monotonic() < deadline, "workers did not reach the barrier in 240 s"
+        time.sleep(0.05)
     go.touch()
     outputs = [p.communicate(timeout=300) for p in procs]
     for i, (p, (out, err)) in enumerate(zip(procs, outputs)):

@@ -97,10 +97,13 @@ def test_finetune_registers_challengers_with_provenance(dvc_project: Path, tmp_p
     lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
     data_md5 = next(o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
     params_sha = hashlib.sha256((dvc_project / "params.yaml").read_bytes()).hexdigest()
+    # Registered versions are run-specific: reports/run_facts.json, not selection.json (a DVC output).
+    facts = json.loads((dvc_project / "reports" / "run_facts.json").read_text())["finetune"]
     for target in ("retinamnist", "breastmnist"):
         sel = json.loads((dvc_project / "models" / "target" / target / "selection.json").read_text())
+        assert "registered" not in sel and "model_uri" not in sel
         mv = client.get_model_version_by_alias(registry.model_name(target), "challenger")
-        assert sel["registered"]["model"] == {"name": registry.model_name(target), "version": str(mv.version)}
+        assert facts[target]["registered"]["model"] == {"name": registry.model_name(target), "version": str(mv.version)}
         assert mv.tags["data_version"] == data_md5
         assert mv.tags["params_sha256"] == params_sha
         assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", mv.tags["git_commit"])
@@ -109,7 +112,7 @@ def test_finetune_registers_challengers_with_provenance(dvc_project: Path, tmp_p
         assert {m: v["val_acc"] for m, v in table.items()} == {m: v["val_acc"] for m, v in sel["methods"].items()}
         assert f"| {sel['chosen']} |" in mv.description and "val acc" in mv.description
         lv = client.get_model_version_by_alias(registry.learner_name(target), "challenger")
-        assert mv.tags[registry.LEARNER_TAG] == str(lv.version) == sel["registered"]["learner"]["version"]
+        assert mv.tags[registry.LEARNER_TAG] == str(lv.version) == facts[target]["registered"]["learner"]["version"]
         assert lv.tags["method"] == sel["chosen"] and lv.tags["data_version"] == data_md5
     # The registered challenger is the shipped model: same predictions as the library's.
     from metatransfer.data.store import load_split
@@ -145,7 +148,7 @@ def _train(project: Path, seed: int, shots: int, steps: int):
     from metatransfer.config import load_params
     from metatransfer.data.store import load_split
     from metatransfer.stages.finetune import per_class_subset
-    from metatransfer.stages.meta_train import backbone_spec
+    from metatransfer.learners import backbone_spec
     from metatransfer.training.finetune import FinetuneSettings, finetune
 
     params = load_params(project / "params.yaml")

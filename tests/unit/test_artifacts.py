@@ -98,8 +98,11 @@ def test_round_trip_and_recorded_sha_pins_the_weights(tmp_path: Path) -> None:
     # folder's own checksums but not the hash recorded at training time.
     other, _ = target_folder(tmp_path)
     torch.manual_seed(1)
-    save_learner(build_algorithm("protonet", TINY, 5, {}), folder)
-    assert load_learner(folder) is not None
+    replacement = build_algorithm("protonet", TINY, 5, {})
+    save_learner(replacement, folder)
+    reloaded = load_learner(folder)  # consistent on its own: loads, and holds the new weights
+    for key, value in replacement.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
     with pytest.raises(ArtifactError, match="differs from the one recorded when it was trained"):
         load_learner(folder, expected_sha256=sha)
     with pytest.raises(ArtifactError, match="differs from the recorded"):
