@@ -145,7 +145,7 @@ def train_one(algorithm: str, recipe: Recipe, k_shot: int, train: SplitData, cur
     sampler = EpisodeSampler(train, recipe.n_way, k_shot, recipe.n_query, seed=args.seed, rotation_augment=True)
     settings = TrainSettings(
         steps=10**9, meta_batch_size=recipe.meta_batch, meta_lr=recipe.meta_lr, val_every=10**9,
-        time_budget_s=seconds, lr_schedule=args.lr_schedule, precision=args.precision,
+        time_budget_s=seconds, anneal_over_time=True, lr_schedule=args.lr_schedule, precision=args.precision,
         channels_last=args.channels_last, val_every_s=args.curve_every, select_best=False,
     )
     result = meta_train(learner, sampler.sample, curve_eps, settings)

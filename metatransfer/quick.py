@@ -16,8 +16,9 @@ def quick_params(params: dict[str, Any], mirror: str | Path | None = None) -> di
         mirror: dataset mirror folder to use (absolute); None keeps the param.
 
     Returns:
-        A new mapping: 3 datasets, 4 episodes per set, 2 algorithms x 4 steps,
-        6 fine-tuning steps, scratch as the reference method.
+        A new mapping: 3 datasets, 4 episodes per set, 2 algorithms x 4 steps
+        (no time guard; scratch adapts with 10 steps), one thread per process, 6 fine-tuning steps, scratch as the reference method,
+        the quality gate recording but not refusing.
     """
     p = copy.deepcopy(params)
     if mirror is not None:
@@ -26,13 +27,25 @@ def quick_params(params: dict[str, Any], mirror: str | Path | None = None) -> di
     for s in p["episodes"]["sets"].values():
         s["n_episodes"] = 4
         s["shots"] = s["shots"][:2]
+    # Steps are the only budget: no wall-clock guard, so a run on a loaded
+    # machine is slower but ends with the same bytes (tests/integration/test_determinism.py).
+    p["meta_train"].pop("time_budget_s", None)
     p["meta_train"].update(
-        algorithms=["protonet", "fomaml"], steps=4, time_budget_s=10_000, meta_batch_size=2,
-        val_every=2, val_episodes=3, hparams={},
+        algorithms=["protonet", "fomaml"], steps=4, meta_batch_size=2,
+        val_every=2, val_episodes=3, hparams={"scratch": {"steps": 10}},
     )
+    # One thread per stage process: these tensors are tiny, and on a shared,
+    # loaded machine two intra-op threads per process cost up to 10x in
+    # hand-offs (benchmarks/RESULTS.md, "Threads and contention").
+    p.setdefault("runtime", {})["threads"] = 1
     p["finetune"].update(methods=["protonet", "fomaml", "scratch"], steps=6, eval_every=3,
                          val_per_class=10, shots_per_class=5, force_method="")
     p["evaluate"].update(methods=["protonet", "fomaml", "scratch"], reference="scratch")
+    # Four meta-steps and six fine-tuning steps do not beat chance reliably (that is
+    # not their purpose): the quality gate still records its verdict in the
+    # outputs but lets the models through, so the registry and serving paths run.
+    # tests/integration/test_quality_gate.py turns it back on.
+    p.setdefault("promote", {})["quality_gate"] = False
     return p
 
 

@@ -1,8 +1,10 @@
 """One HTML page a person would rather read than logs: `reports/index.html`.
 
 It gathers what the pipeline wrote (metrics/evaluate.json, metrics/meta_train.json,
-models/target/<target>/selection.json, every PNG under plots/, and the promotion
-decision reports/promotion.json if one exists) with the run's identity (git
+models/target/<target>/selection.json, every PNG under plots/, the promotion
+decision reports/promotion.json and the run-specific facts of the latest stage
+runs reports/run_facts.json (wall seconds, MLflow model URIs, registered
+versions: kept out of the DVC outputs so that those stay byte-identical)) with the run's identity (git
 commit, dvc.lock digest, prepared-data version) into one self-contained file:
 CSS inline, figures embedded as base64 data URIs, no script and no external
 request, so it opens offline, attaches to an e-mail or a CI artifact as is.
@@ -133,6 +135,7 @@ class ReportInputs:
     meta_train: dict[str, Any] | None = None
     selections: dict[str, dict[str, Any]] = field(default_factory=dict)
     promotion: Any | None = None
+    run_facts: dict[str, Any] = field(default_factory=dict)  # reports/run_facts.json (not a DVC output)
     figures: list[tuple[str, bytes]] = field(default_factory=list)  # (path under plots/, PNG bytes)
     episode_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # set -> params for captions
     reference: str | None = None
@@ -174,11 +177,28 @@ def collect_inputs(root: Path, params: Params | None) -> ReportInputs:
         meta_train=read_json(root / "metrics" / "meta_train.json"),
         selections=selections,
         promotion=read_json(root / PROMOTION_PATH),
+        run_facts=_run_facts(root),
         figures=figures,
         episode_sets=sets,
         reference=params.evaluate.reference if params is not None and params.evaluate is not None else None,
         methods=tuple(params.evaluate.methods) if params is not None and params.evaluate is not None else (),
     )
+
+
+def _run_facts(root: Path) -> dict[str, Any]:
+    """reports/run_facts.json ({} when absent or unreadable: it only adds timings and MLflow ids)."""
+    from metatransfer.tracking import read_run_facts
+
+    return read_run_facts(root)
+
+
+def _gate_cell(gate: Any) -> str:
+    """'passed' / 'REFUSED' with the test's reason as a tooltip ('–' when the gate did not run)."""
+    if not isinstance(gate, dict):
+        return "<td>–</td>"
+    word = "passed" if gate.get("passed") else "REFUSED"
+    cls = "" if gate.get("passed") else ' class="refused"'
+    return f'<td{cls} title="{_e(gate.get("reason", ""))}">{_e(word)}</td>'
 
 
 def _ordered(keys: list[str], preferred: Any) -> list[str]:
@@ -208,7 +228,7 @@ p.note { color: var(--muted); margin-top: 2px; font-size: 13px; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
 th, td { border: 1px solid var(--line); padding: 5px 10px; text-align: right; vertical-align: top; }
 th { background: var(--bg); } td:first-child, th:first-child { text-align: left; }
-tr.shipped td { background: #dafbe1; } tr.reference td:first-child { font-style: italic; }
+tr.shipped td { background: #dafbe1; } td.refused, p.refused { color: var(--bad); font-weight: 600; } tr.reference td:first-child { font-style: italic; }
 td.best .acc { font-weight: 700; }
 .diff { display: block; font-size: 12px; color: var(--muted); }
 .diff.sig-pos { color: var(--good); font-weight: 600; } .diff.sig-neg { color: var(--bad); font-weight: 600; }
@@ -302,21 +322,28 @@ def _section_models(inp: ReportInputs) -> str:
         out.append(f'<div class="card"><h3 id="target-{_e(target)}">{_e(target)}: '
                    f'<span class="shipped-name">{_e(chosen)}</span><span class="badge">shipped</span></h3>')
         out.append(f"<p>Why: {_e(reason)}</p>" if reason else '<p class="empty">No reason recorded.</p>')
-        if sel.get("model_uri"):
-            out.append(f'<p class="note">MLflow model: <code>{_e(sel["model_uri"])}</code></p>')
+        facts = (inp.run_facts.get("finetune") or {}).get(target) or {}
+        model_uri = sel.get("model_uri") or facts.get("model_uri")  # older selection.json files held it
+        if facts.get("refused"):
+            out.append(f'<p class="refused">Not registered as a challenger: the quality gate refused it '
+                       f'({_e(facts["refused"])}).</p>')
+        if model_uri:
+            reg = (facts.get("registered") or {}).get("model") or {}
+            version = f" registered as {reg.get('name')} v{reg.get('version')}" if reg else ""
+            out.append(f'<p class="note">MLflow model: <code>{_e(model_uri)}</code>{_e(version)}</p>')
         methods = dict(sel.get("methods") or {})
         for m, r in (tev.get("methods") or {}).items():
             methods[m] = {**methods.get(m, {}), **r}
         methods = {m: methods[m] for m in _ordered(list(methods), inp.methods)}
         if methods:
             out.append("<table><thead><tr><th>method</th><th>val acc (%)</th><th>test acc (%) ± 95 % CI</th>"
-                       "<th>balanced test acc (%)</th></tr></thead><tbody>")
+                       "<th>balanced test acc (%)</th><th>quality gate</th></tr></thead><tbody>")
             for m, r in methods.items():
                 test = fmt_acc_ci(r["test_acc"], r["test_acc_ci95"]) if "test_acc" in r else "–"
                 row_cls = ' class="shipped"' if m == chosen else ""
                 out.append(f"<tr{row_cls}><td>{_e(m)}{' (shipped)' if m == chosen else ''}</td>"
                            f"<td>{_e(fmt_pct(r.get('val_acc')))}</td><td>{_e(test)}</td>"
-                           f"<td>{_e(fmt_pct(r.get('balanced_acc')))}</td></tr>")
+                           f"<td>{_e(fmt_pct(r.get('balanced_acc')))}</td>{_gate_cell(r.get('quality_gate'))}</tr>")
             out.append("</tbody></table>")
             if not tev:
                 out.append('<p class="note">Test accuracies appear after <code>dvc repro evaluate</code>.</p>')
@@ -325,7 +352,7 @@ def _section_models(inp: ReportInputs) -> str:
 
 
 _META_COLUMNS = (("best_val_acc", "best val acc (%)"), ("best_step", "best step"), ("steps", "steps"),
-                 ("seconds", "seconds"), ("faults", "faults"))
+                 ("seconds", "seconds"), ("faults", "faults"), ("budget_hit", "ended by"))
 
 
 def _section_meta_train(inp: ReportInputs) -> str:
@@ -336,16 +363,24 @@ def _section_meta_train(inp: ReportInputs) -> str:
                    "(run <code>dvc repro meta_train</code>).</p>")
         return "\n".join(out)
     out.append('<p class="note">Per algorithm: best validation accuracy on held-out source classes and the step '
-               "it was reached, steps run, wall time, faults (skipped steps with non-finite loss/gradients).</p>")
+               "it was reached, steps run, wall time (latest run, from reports/run_facts.json), faults (skipped "
+               "steps with non-finite loss/gradients), what ended the run (the step budget, or the optional "
+               "wall-clock guard: then the weights depend on the machine's speed), and the learner quality gate.</p>")
     out.append("<table><thead><tr><th>algorithm</th>" + "".join(f"<th>{_e(h)}</th>" for _, h in _META_COLUMNS)
-               + "<th>MLflow model</th></tr></thead><tbody>")
+               + "<th>quality gate</th><th>MLflow model</th></tr></thead><tbody>")
+    run_facts = (inp.run_facts.get("meta_train") or {}).get("algorithms") or {}
     for algo, r in mt.items():
         if not isinstance(r, dict):
             continue
+        # Run-specific facts (seconds, model URI) come from reports/run_facts.json; older
+        # metrics files held them themselves.
+        r = {**{k: v for k, v in (run_facts.get(algo) or {}).items() if v is not None}, **r}
         cells = []
         for key, _ in _META_COLUMNS:
             v = r.get(key)
-            if key == "best_val_acc":
+            if key == "budget_hit":
+                cells.append({"none": "steps", "": "steps", "time": "TIME GUARD"}.get(str(v), str(v)) if v else "–")
+            elif key == "best_val_acc":
                 cells.append(fmt_pct(v))
             elif isinstance(v, float):
                 cells.append(f"{v:.1f}")
@@ -353,9 +388,9 @@ def _section_meta_train(inp: ReportInputs) -> str:
                 cells.append(str(len(v)))
             else:
                 cells.append("–" if v is None else str(v))
-        uri = r.get("model_uri", "")
+        uri = r.get("model_uri") or ""
         out.append(f"<tr><td>{_e(algo)}</td>" + "".join(f"<td>{_e(c)}</td>" for c in cells)
-                   + f"<td><code>{_e(uri)}</code></td></tr>")
+                   + _gate_cell(r.get("quality_gate")) + f"<td><code>{_e(uri)}</code></td></tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
 

@@ -37,6 +37,10 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "metatransfer"
+# Run-specific facts of the latest stage runs (MLflow run ids, model URIs,
+# registered versions, wall seconds): they change on every run, so they live
+# here and in MLflow, never in a DVC output (whose bytes must not churn).
+RUN_FACTS_PATH = Path("reports") / "run_facts.json"
 PARENT_ENV = "METATRANSFER_PARENT_RUN_ID"
 # How long a connection waits for sqlite's write lock before "database is
 # locked". Writes take milliseconds; the wait only grows with many writers on
@@ -167,13 +171,17 @@ def standard_tags(root: str | Path = ".") -> dict[str, str]:
 def stage_run(stage: str, root: str | Path = ".", params: dict[str, Any] | None = None) -> Iterator[Any]:
     """Open the MLflow run of one stage (a child of $METATRANSFER_PARENT_RUN_ID if set).
 
-    Logs the flattened params and the standard tags; yields the active run.
+    Logs the flattened params, the standard tags and the runtime tags (device,
+    torch version, threads, CPU model, load average at start: see
+    `metatransfer.runtime.run_tags`); yields the active run.
     """
     import mlflow
 
+    from metatransfer import runtime
+
     configure(root)
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {"stage": stage, **standard_tags(root)}
+    tags = {"stage": stage, **standard_tags(root), **runtime.run_tags()}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
         if params:
             log_params(params)
@@ -213,6 +221,13 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def set_tags(tags: dict[str, Any]) -> None:
+    """Set tags on the active run (values stringified; MLflow's 5000-char limit respected)."""
+    import mlflow
+
+    mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+
+
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     """Attach a file or folder to the active run."""
     import mlflow
@@ -243,6 +258,42 @@ def log_dict(data: dict[str, Any], artifact_file: str) -> None:
     import mlflow
 
     mlflow.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def record_run_facts(root: str | Path, stage: str, facts: dict[str, Any]) -> Path:
+    """Merge `facts` into the `stage` entry of reports/run_facts.json (not a DVC output).
+
+    Args:
+        root: project root.
+        stage: the stage name (top-level key).
+        facts: JSON-able run-specific facts; keys replace the stage's old ones.
+
+    Returns:
+        The file's path.
+    """
+    from metatransfer.stages.common import write_json
+
+    path = Path(root) / RUN_FACTS_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:  # stages of parallel runs may write at once
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            data = read_run_facts(root)
+            data[stage] = {**(data.get(stage) or {}), **facts}
+            write_json(path, data)
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    return path
+
+
+def read_run_facts(root: str | Path) -> dict[str, Any]:
+    """reports/run_facts.json as a dict ({} when missing or damaged: it is informative only)."""
+    path = Path(root) / RUN_FACTS_PATH
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def begin_pipeline_run(root: str | Path = ".", name: str = "pipeline", tags: dict[str, str] | None = None) -> str:

@@ -241,6 +241,8 @@ def _as_numpy(a: Any) -> np.ndarray:
 def _save(fig: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    # No "Software" (matplotlib version) chunk: a PNG under plots/ is a DVC output
+    # and must be the same bytes from the same numbers (PNG carries no date by default).
+    fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
     return path

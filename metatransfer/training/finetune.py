@@ -118,6 +118,11 @@ class FinetuneSettings:
     train_layers: str  # "all" or "head"
     eval_every: int
     patience: int  # evaluations without improvement before stopping; 0 = never stop early
+    # Where the target model trains ("cpu", "cuda", "mps": metatransfer.runtime.device_for) and
+    # the autocast of its training step ("fp32", "bf16", "fp16"). Steps are the only budget:
+    # fine-tuning has no wall-clock dependence.
+    device: str = "cpu"
+    precision: str = "fp32"
 
 
 @dataclass
@@ -129,6 +134,11 @@ class FinetuneResult:
     best_step: int
     steps_done: int
     curve: list[dict[str, float]] = field(default_factory=list)
+    # The quality gate's evidence (metatransfer.registry.target_quality): validation
+    # images, how many the returned model gets right, and the majority-class rate.
+    val_n: int = 0
+    val_correct: int = 0
+    val_chance: float = 1.0
 
 
 def _learner_backbone(learner: MetaLearner) -> nn.Module:
@@ -231,9 +241,18 @@ def finetune(
     """
     if settings.train_layers not in ("all", "head"):
         raise ConfigError(f"finetune.train_layers: must be 'all' or 'head', found {settings.train_layers!r}")
+    from metatransfer import runtime
+
     emit = sink or (lambda *a: None)
-    gen = torch.Generator().manual_seed(seed)
-    model = init_target_model(learner, train_x, train_y, class_names)
+    gen = torch.Generator().manual_seed(seed)  # a CPU generator: the same batches on every device
+    device = torch.device(settings.device)
+    learner_device = next((p.device for p in learner.parameters()), torch.device("cpu"))
+    if learner_device.type != "cpu":  # the prototype initialisation below runs on CPU tensors
+        learner = copy.deepcopy(learner).cpu()
+    model = init_target_model(learner, train_x, train_y, class_names).to(device)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    if val_x is not None and val_y is not None:
+        val_x, val_y = val_x.to(device), val_y.to(device)
     params = list(model.head.parameters()) if settings.train_layers == "head" else list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     has_val = val_x is not None and val_y is not None and len(val_x) > 0
@@ -268,8 +287,9 @@ def finetune(
         model.train()
         if settings.train_layers == "head":
             model.backbone.eval()  # keep φ's statistics when only the head trains
-        idx = torch.randint(len(train_x), (min(settings.batch_size, len(train_x)),), generator=gen)
-        loss = loss_fn(model(train_x[idx]), train_y[idx])
+        idx = torch.randint(len(train_x), (min(settings.batch_size, len(train_x)),), generator=gen).to(device)
+        with runtime.autocast(device, settings.precision):
+            loss = loss_fn(model(train_x[idx]), train_y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -297,7 +317,14 @@ def finetune(
     else:
         best_step = step
     model.eval()
-    return FinetuneResult(model, best_acc, best_step, step, curve)
+    result = FinetuneResult(model, best_acc, best_step, step, curve)
+    if has_val:
+        from metatransfer.quality import majority_rate
+
+        result.val_n = int(len(val_y))
+        result.val_correct = int(round(best_acc * result.val_n))
+        result.val_chance = majority_rate(val_y.cpu().numpy())
+    return result
 
 
 def select_method(val_accs: dict[str, float], force: str = "") -> tuple[str, str]:

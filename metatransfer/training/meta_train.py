@@ -1,14 +1,17 @@
 """The meta-training loop shared by every algorithm.
 
 The loop owns what algorithms should not each re-implement: the outer
-optimizer step, a step and wall-clock budget, the validation curve on fixed
-meta-val episodes with best-model selection, and numerical-fault recovery
+optimizer step, the step budget (and an optional wall-clock guard: a run it
+ends is marked `budget_hit="time"` and logged as a WARNING, never silently),
+the validation curve on fixed meta-val episodes every `val_every` steps with
+best-model selection, and numerical-fault recovery
 (a non-finite loss, gradient or updated weight skips the step and restores
 the last finite state; K consecutive faults stop the run with a clear error),
 and crash-safe checkpoints (see `metatransfer.training.checkpoint`): with a
 `CheckpointConfig`, the full training state is saved every N steps and a
 re-run resumes from the newest checkpoint, ending with the same weights as an
-uninterrupted run (on CPU, with a step budget: a time budget is wall-clock).
+uninterrupted run (on CPU, with the step budget; a run cut by the time guard
+is wall-clock-dependent and therefore not).
 
 Faults are detected in the step that produced them: an inner-loop blow-up
 (MAML with an absurd inner learning rate) makes the adapted weights, hence
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from metatransfer import runtime
 from metatransfer.algorithms.base import MetaLearner
 from metatransfer.config import LR_SCHEDULES, PRECISIONS
 from metatransfer.episodes import Episode
@@ -55,7 +59,11 @@ class NumericalFaultError(MetatransferError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Budget and schedule of one meta-training run."""
+    """Budget and schedule of one meta-training run.
+
+    `steps` is the budget. `time_budget_s` is an optional guard (inf or 0: off):
+    when it ends the run first, the result says so (`TrainResult.budget_hit`).
+    """
 
     steps: int
     meta_batch_size: int
@@ -65,17 +73,21 @@ class TrainSettings:
     max_consecutive_faults: int = 5
     grad_clip: float = 10.0
     # "constant", or "cosine": the outer learning rate follows a half cosine
-    # from meta_lr to 0 over the budget (the larger of steps done / steps and
-    # seconds spent / time_budget_s, so it anneals over whichever ends first).
+    # from meta_lr to 0 over the step budget (steps done / steps), so the
+    # schedule, like the weights, does not depend on the machine's speed.
     lr_schedule: str = "constant"
-    # "fp32", or "bf16": the meta-training step runs under CPU/CUDA autocast to
-    # bfloat16 (weights, optimizer and evaluation stay float32).
+    # Benchmarks that compare methods at equal wall time (benchmarks/omniglot.py)
+    # anneal over whichever of steps and time_budget_s ends first instead.
+    anneal_over_time: bool = False
+    # "fp32", "bf16" or "fp16": the meta-training step runs under autocast
+    # (metatransfer.runtime.autocast; weights, optimizer and evaluation stay float32).
     precision: str = "fp32"
     # Train with 4-D weights in channels-last layout (faster oneDNN kernels on
     # CPU); the returned learner is converted back to the default layout.
     channels_last: bool = False
     # Also validate when this many seconds passed since the last validation
-    # (0: by `val_every` steps only); gives time-to-accuracy curves.
+    # (0: by `val_every` steps only). Benchmarks only (time-to-accuracy curves):
+    # the pipeline validates by steps so that its curve is reproducible.
     val_every_s: float = 0.0
     # False: the validation curve is only recorded, the last weights are kept
     # (when the validation episodes must not choose the model, e.g. a benchmark
@@ -90,11 +102,20 @@ class TrainSettings:
 
 
 
+def time_guard(settings: TrainSettings) -> float:
+    """The wall-clock guard in seconds (inf when off: `time_budget_s` inf, 0 or negative)."""
+    t = settings.time_budget_s
+    return t if math.isfinite(t) and t > 0 else math.inf
+
+
 def budget_fraction(settings: TrainSettings, step: int, seconds: float) -> float:
-    """How much of the run's budget is spent, in [0, 1]: the larger of the step and time fractions."""
+    """How much of the run's budget is spent, in [0, 1]: steps done / steps.
+
+    With `anneal_over_time` (benchmarks) the larger of the step and time fractions.
+    """
     frac = step / settings.steps if settings.steps > 0 else 1.0
-    if math.isfinite(settings.time_budget_s) and settings.time_budget_s > 0:
-        frac = max(frac, seconds / settings.time_budget_s)
+    if settings.anneal_over_time and math.isfinite(time_guard(settings)):
+        frac = max(frac, seconds / time_guard(settings))
     return min(max(frac, 0.0), 1.0)
 
 
@@ -119,6 +140,12 @@ class TrainResult:
     val_curve: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None  # the checkpoint step this run resumed from, if any
     train_seconds: float = 0.0  # `seconds` without the time spent validating
+    # "" when the step budget ended the run; "time" when the wall-clock guard
+    # did (fewer steps than asked: the weights depend on the machine's speed).
+    budget_hit: str = ""
+    # Per-episode accuracies of the best validation (the weights the learner
+    # holds): the evidence of the learner quality gate (metatransfer.registry).
+    best_val_episode_accs: list[float] = field(default_factory=list)
 
 
 def _grads_finite(params: Sequence[torch.nn.Parameter]) -> bool:
@@ -145,6 +172,7 @@ def meta_train(
     sink: MetricSink | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
     checkpoint: CheckpointConfig | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Meta-train `learner` on sampled source episodes; keep the best meta-val weights.
 
@@ -156,14 +184,16 @@ def meta_train(
             through the source's own state, else it is wrapped (replay).
         val_episodes: fixed meta-val episodes; evaluated every `val_every`
             steps and at the end; empty disables selection (last weights kept).
-        settings: steps, meta-batch size, outer lr, time budget.
+        settings: steps (the budget), meta-batch size, outer lr, optional time guard.
         sink: optional metric logger (name, value, step).
         on_step: optional callback(step, loss, acc), e.g. a progress bar.
         checkpoint: optional; save every `checkpoint.every` steps and at the
             end, and resume from the newest matching checkpoint in its folder.
+        clock: seconds (monotonic); tests pass a fake one to test the time guard by steps.
 
     Returns:
-        TrainResult; `learner` is left with the best-validation weights.
+        TrainResult; `learner` is left with the best-validation weights and on
+        the device it was given on (the caller chooses it: `runtime.device_for`).
 
     Raises:
         NumericalFaultError: `max_consecutive_faults` non-finite steps in a row.
@@ -176,7 +206,8 @@ def meta_train(
     params = [p for p in learner.parameters() if p.requires_grad]
     optimizer = make_optimizer(learner, settings.meta_lr)
     base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
-    device_type = next((p.device.type for p in params), "cpu")
+    device = next((p.device for p in params), torch.device("cpu"))
+    guard = time_guard(settings)
     result = TrainResult(learner, 0, 0.0, -1.0, 0, 0)
     best_state: dict[str, torch.Tensor] | None = None
     step, elapsed, finished = 0, 0.0, False
@@ -193,17 +224,19 @@ def meta_train(
         result.best_val_acc, result.best_step, result.faults = float(st["best_val_acc"]), int(st["best_step"]), int(st["faults"])
         result.history, result.val_curve = list(st["history"]), list(st["val_curve"])
         result.resumed_from = step
+        result.budget_hit = str(st.get("budget_hit", ""))
+        result.best_val_episode_accs = list(st.get("best_val_episode_accs", []))
         sampler.restore(st["sampler"])
         set_rng_state(st["rng"])  # last: restoring the sampler by replay must not disturb it
         log.info("%s: resumed from checkpoint %s (step %d%s)", learner.name, resumed.path, step, ", finished" if finished else "")
-    start = time.perf_counter() - elapsed
-    last_val = time.perf_counter()
+    start = clock() - elapsed
+    last_val = clock()
     last_good = (copy.deepcopy(learner.state_dict()), copy.deepcopy(optimizer.state_dict()))
     consecutive = 0
 
     def train_seconds() -> float:
         """Wall seconds of training so far, validation excluded (what the time budget counts)."""
-        return time.perf_counter() - start - val_spent
+        return clock() - start - val_spent
 
     def snapshot(final: bool) -> None:
         if checkpoint is None:
@@ -211,30 +244,35 @@ def meta_train(
         save_checkpoint(checkpoint, step, {
             "learner": learner.state_dict(), "optimizer": optimizer_state(optimizer), "best": best_state,
             "best_val_acc": result.best_val_acc, "best_step": result.best_step, "faults": result.faults,
-            "step": step, "seconds": time.perf_counter() - start, "val_seconds": val_spent, "final": final,
-            "history": result.history, "val_curve": result.val_curve,
+            "step": step, "seconds": clock() - start, "val_seconds": val_spent, "final": final,
+            "history": result.history, "val_curve": result.val_curve, "budget_hit": result.budget_hit,
+            "best_val_episode_accs": result.best_val_episode_accs,
             "sampler": sampler.state(), "rng": rng_state(),
         })
 
     def validate(step: int) -> None:
         nonlocal best_state, last_val, val_spent
-        began = time.perf_counter()
+        began = clock()
         if not val_episodes:
             last_val = began
             return
         accs = episode_accuracies(learner, val_episodes)
         acc = float(np.mean(accs))
-        last_val = time.perf_counter()
+        last_val = clock()
         val_spent += last_val - began
         # "seconds": training time when these weights were reached (validation excluded).
         result.val_curve.append({"step": step, "acc": acc, "seconds": train_seconds()})
         emit("val/acc", acc, step)
         if acc > result.best_val_acc:
             result.best_val_acc, result.best_step = acc, step
+            result.best_val_episode_accs = [float(a) for a in accs]
             if settings.select_best:
                 best_state = copy.deepcopy(learner.state_dict())
 
-    while not finished and step < settings.steps and train_seconds() < settings.time_budget_s:
+    while not finished and step < settings.steps:
+        if train_seconds() >= guard:
+            result.budget_hit = "time"
+            break
         learner.train()
         episodes = [sampler() for _ in range(settings.meta_batch_size)]
         if settings.lr_schedule != "constant":
@@ -242,7 +280,7 @@ def meta_train(
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=settings.precision == "bf16"):
+        with runtime.autocast(device, settings.precision):
             out = learner.meta_learn(episodes)
         ok = math.isfinite(out.loss) and _grads_finite(params)
         if ok:
@@ -278,7 +316,7 @@ def meta_train(
         if on_step is not None:
             on_step(step, out.loss, out.acc)
         if step % settings.val_every == 0 or (
-            settings.val_every_s > 0 and time.perf_counter() - last_val >= settings.val_every_s
+            settings.val_every_s > 0 and clock() - last_val >= settings.val_every_s
         ):
             validate(step)
         if checkpoint is not None and checkpoint.every > 0 and step % checkpoint.every == 0:
@@ -293,8 +331,12 @@ def meta_train(
     if settings.channels_last:
         learner.to(memory_format=torch.contiguous_format)
     result.steps_done = step
-    result.seconds = time.perf_counter() - start
+    result.seconds = clock() - start
     result.train_seconds = train_seconds()
+    if result.budget_hit:
+        log.warning("%s: the wall-clock guard (time_budget_s=%g) ended meta-training after %d of %d steps: "
+                    "the weights depend on the machine's speed and load, not only on the params; remove the "
+                    "guard or raise it to reproduce", learner.name, settings.time_budget_s, step, settings.steps)
     log.info(
         "%s: %d steps in %.1f s, best val acc %.4f at step %d, %d skipped faults",
         learner.name, step, result.seconds, result.best_val_acc, result.best_step, result.faults,

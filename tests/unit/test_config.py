@@ -143,9 +143,10 @@ def test_episode_set_ranges(raw: dict) -> None:
 
 def test_training_levers_default_off_and_are_validated(raw: dict) -> None:
     p = params_from_mapping(copy.deepcopy(raw))
-    assert (p.meta_train.lr_schedule, p.meta_train.precision, p.meta_train.channels_last) == ("constant", "fp32", False)
-    raw["meta_train"]["precision"] = "fp16"
-    with pytest.raises(ConfigError, match=r"meta_train.precision.*must be one of \['fp32', 'bf16'\], found 'fp16'"):
+    assert (p.meta_train.lr_schedule, p.meta_train.precision, p.meta_train.channels_last) == ("constant", "", False)
+    assert p.runtime.precision == "fp32"  # precision moved to runtime; meta_train.precision is deprecated
+    raw["meta_train"]["precision"] = "fp8"
+    with pytest.raises(ConfigError, match=r"meta_train.precision.*must be one of \['fp32', 'bf16', 'fp16'\], found 'fp8'"):
         params_from_mapping(copy.deepcopy(raw))
     raw["meta_train"]["precision"] = "bf16"
     raw["meta_train"]["lr_schedule"] = "linear"

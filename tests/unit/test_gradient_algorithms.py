@@ -24,6 +24,7 @@ from metatransfer.algorithms.reptile import Reptile, ReptileHparams
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError, EpisodeError
 from metatransfer.models import BackboneSpec
+from tests.devices import DEVICES
 
 ALGORITHMS = ["maml", "fomaml", "reptile", "anil", "metasgd"]
 TINY = BackboneSpec(name="conv4", in_channels=1, image_size=16, hidden=4)
@@ -323,18 +324,20 @@ def test_metasgd_step_sizes_receive_gradients():
     assert all(((a >= low) & (a <= high)).all() for a in learner.lrs.values())
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_same_seed_gives_same_weights_after_two_meta_steps(name):
+def test_same_seed_gives_same_weights_after_two_meta_steps(name, device):
     def run() -> dict[str, torch.Tensor]:
         torch.manual_seed(123)
-        learner = build(name)
+        learner = build(name).to(device)  # episodes stay on the CPU: the learner moves what it needs
         outer = torch.optim.Adam(learner.parameters(), lr=1e-2)
         gen = torch.Generator().manual_seed(7)
         for _ in range(2):
             outer.zero_grad(set_to_none=True)
             learner.meta_learn([random_episode(3, 2, 2, gen) for _ in range(2)])
             outer.step()
-        return learner.state_dict()
+        assert all(p.device.type == device for p in learner.parameters())
+        return {k: v.cpu() for k, v in learner.state_dict().items()}
 
     first, second = run(), run()
     assert first.keys() == second.keys()

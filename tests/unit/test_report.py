@@ -45,8 +45,15 @@ EVALUATE = {
                                                 "val_acc": 0.45, "images": 400}}},
     },
 }
-META_TRAIN = {"protonet": {"best_val_acc": 0.6489, "best_step": 400, "steps": 500, "seconds": 44.37, "faults": 0,
-                           "model_uri": "models:/m-1"}}
+GATE_OK = {"passed": True, "test": "episode_ci", "reason": "meta-val accuracy 0.6489, 95 % CI low 0.6300, above chance"}
+META_TRAIN = {"protonet": {"best_val_acc": 0.6489, "best_step": 400, "steps": 500, "faults": 0, "budget_hit": "none",
+                           "quality_gate": GATE_OK}}
+# Run-specific facts live outside the DVC outputs (reports/run_facts.json, written by the stages).
+RUN_FACTS = {"meta_train": {"run_id": "r1", "algorithms": {"protonet": {"model_uri": "models:/m-1", "seconds": 44.37,
+                                                                         "budget_hit": "none"}}},
+             "finetune": {"run_id": "r2", "retinamnist": {"model_uri": "models:/m-target", "refused": None,
+                                                           "registered": {"model": {"name": "metatransfer-retinamnist",
+                                                                                    "version": "3"}}}}}
 
 
 def _params_file(root: Path) -> Path:
@@ -72,7 +79,9 @@ def _project(root: Path) -> Path:
     sel.mkdir(parents=True)
     (sel / "selection.json").write_text(json.dumps({
         "chosen": "protonet", "reason": "highest target validation accuracy (protonet 0.5500, scratch 0.4500)",
-        "model_uri": "models:/m-target", "methods": {"protonet": {"val_acc": 0.55}, "scratch": {"val_acc": 0.45}}}))
+        "methods": {"protonet": {"val_acc": 0.55}, "scratch": {"val_acc": 0.45}}}))
+    (root / "reports").mkdir()
+    (root / "reports" / "run_facts.json").write_text(json.dumps(RUN_FACTS))
     (root / "plots" / "evaluate").mkdir(parents=True)
     (root / "plots" / "evaluate" / "retinamnist_test_shots.png").write_bytes(_png((255, 0, 0)))
     (root / "plots" / "meta_train").mkdir(parents=True)
@@ -118,11 +127,12 @@ def test_report_tables_and_figures(tmp_path: Path) -> None:
     assert "baselinepp (reference)" in page
     assert "retinamnist/test, 5-way" in page  # caption from params.yaml's episode set
     # Shipped model and why
-    assert "<tr class=\"shipped\"><td>protonet (shipped)</td><td>55.00</td><td>52.25 ± 4.90</td><td>31.00</td></tr>" in page
+    assert "<tr class=\"shipped\"><td>protonet (shipped)</td><td>55.00</td><td>52.25 ± 4.90</td><td>31.00</td><td>–</td></tr>" in page
     assert "Why: highest target validation accuracy (protonet 0.5500, scratch 0.4500)" in page
-    assert "models:/m-target" in page
-    # Meta-training summary
-    assert "<tr><td>protonet</td><td>64.89</td><td>400</td><td>500</td><td>44.4</td><td>0</td>" in page
+    assert "<code>models:/m-target</code> registered as metatransfer-retinamnist v3" in page
+    # Meta-training summary: seconds and the model URI from run_facts.json, the gate from the metrics
+    assert ("<tr><td>protonet</td><td>64.89</td><td>400</td><td>500</td><td>44.4</td><td>0</td><td>steps</td>"
+            f'<td title="{GATE_OK["reason"]}">passed</td><td><code>models:/m-1</code></td></tr>') in page
     # Every PNG embedded, none referenced
     for rel in ("evaluate/retinamnist_test_shots.png", "meta_train/val_curve.png"):
         data = (root / "plots" / rel).read_bytes()
@@ -130,6 +140,27 @@ def test_report_tables_and_figures(tmp_path: Path) -> None:
         assert f"<figcaption>plots/{rel}</figcaption>" in page
     assert page.index("plots/evaluate") < page.index("plots/meta_train")
     assert "No promotion decision yet" in page
+
+
+def test_report_shows_refused_models_and_the_time_guard(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    refused = {"passed": False, "test": "binomial", "reason": "validation accuracy 0.2000 (10/50) vs chance 0.2000"}
+    mt = json.loads((root / "metrics" / "meta_train.json").read_text())
+    mt["protonet"].update(budget_hit="time", quality_gate={**refused, "test": "episode_ci"})
+    (root / "metrics" / "meta_train.json").write_text(json.dumps(mt))
+    ev = json.loads((root / "metrics" / "evaluate.json").read_text())
+    ev["target_models"]["retinamnist"]["methods"]["protonet"]["quality_gate"] = refused
+    (root / "metrics" / "evaluate.json").write_text(json.dumps(ev))
+    facts = json.loads((root / "reports" / "run_facts.json").read_text())
+    facts["finetune"]["retinamnist"] = {"model_uri": None, "refused": refused["reason"], "registered": {"model": None}}
+    (root / "reports" / "run_facts.json").write_text(json.dumps(facts))
+    page = _build(root)
+    assert "<td>TIME GUARD</td>" in page
+    assert f'<td class="refused" title="{refused["reason"]}">REFUSED</td>' in page  # both tables
+    assert page.count(">REFUSED</td>") == 2
+    assert ("Not registered as a challenger: the quality gate refused it "
+            "(validation accuracy 0.2000 (10/50) vs chance 0.2000)") in page
+    assert "models:/m-target" not in page
 
 
 def test_report_is_self_contained(tmp_path: Path) -> None:
@@ -163,7 +194,6 @@ def test_promotion_rendered_and_escaped(tmp_path: Path) -> None:
     data = json.loads(sel.read_text())
     data["reason"] = "<script>alert('x')</script> & more"
     sel.write_text(json.dumps(data))
-    (root / "reports").mkdir()
     (root / "reports" / "promotion.json").write_text(json.dumps(
         {"decision": "promote", "model": "retinamnist", "checks": {"test_acc_gain": 0.03}}))
     page = _build(root)

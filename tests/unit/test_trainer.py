@@ -268,15 +268,19 @@ def test_cosine_schedule_anneals_the_outer_lr_over_the_step_budget() -> None:
     assert moves == pytest.approx(expected, rel=1e-5)
 
 
-def test_lr_factor_follows_whichever_budget_ends_first() -> None:
+def test_lr_factor_follows_the_steps_and_ignores_the_time_guard() -> None:
     from metatransfer.training.meta_train import lr_factor
 
     s = TrainSettings(steps=100, meta_batch_size=1, meta_lr=1e-3, val_every=10, time_budget_s=60.0, lr_schedule="cosine")
     assert lr_factor(s, 0, 0.0) == 1.0
     assert lr_factor(s, 50, 1.0) == pytest.approx(0.5)       # half the steps
-    assert lr_factor(s, 1, 30.0) == pytest.approx(0.5)       # half the time
+    assert lr_factor(s, 1, 30.0) == pytest.approx(lr_factor(s, 1, 0.0))  # seconds change nothing: reproducible
     assert lr_factor(s, 100, 90.0) == pytest.approx(0.0)     # clamped at the end
     assert lr_factor(settings(), 3, 1e9) == 1.0              # constant ignores the budget
+    # Benchmarks comparing at equal wall time anneal over whichever budget ends first.
+    t = TrainSettings(steps=100, meta_batch_size=1, meta_lr=1e-3, val_every=10, time_budget_s=60.0,
+                      lr_schedule="cosine", anneal_over_time=True)
+    assert lr_factor(t, 1, 30.0) == pytest.approx(0.5)
 
 
 def test_bad_schedule_or_precision_is_refused_by_name() -> None:
@@ -284,8 +288,8 @@ def test_bad_schedule_or_precision_is_refused_by_name() -> None:
 
     with pytest.raises(MetatransferError, match=r"lr_schedule must be one of \['constant', 'cosine'\], found 'step'"):
         settings(lr_schedule="step")
-    with pytest.raises(MetatransferError, match=r"precision must be one of \['fp32', 'bf16'\], found 'fp16'"):
-        settings(precision="fp16")
+    with pytest.raises(MetatransferError, match=r"precision must be one of \['fp32', 'bf16', 'fp16'\], found 'fp8'"):
+        settings(precision="fp8")
 
 
 def test_bf16_channels_last_training_returns_a_float32_contiguous_learner(tmp_path: Path) -> None:
@@ -315,15 +319,60 @@ def test_select_best_false_keeps_the_last_weights() -> None:
     assert all(torch.equal(v, last[k]) for k, v in kept.items())
 
 
-def test_validation_time_is_not_charged_to_the_time_budget() -> None:
+class FakeClock:
+    """Seconds that pass only when the test says so: 0.1 s per training step, 5 s per validation."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_guard_counts_training_steps_not_validation_and_is_marked(monkeypatch, caplog) -> None:
+    import metatransfer.training.meta_train as trainer
+
+    clock = FakeClock()
+    real = trainer.episode_accuracies
+
+    def slow_validation(learner, episodes, **kw):
+        clock.now += 5.0  # validation is slow; it must not eat the training budget
+        return real(learner, episodes, **kw)
+
+    monkeypatch.setattr(trainer, "episode_accuracies", slow_validation)
     torch.manual_seed(0)
     learner = ProtoNet(TINY, 3, ProtoNet.hparams_class())
-    many = val_episodes() * 40
-    result = meta_train(learner, sampler().sample, many,
-                        settings(steps=10**6, val_every=10**6, time_budget_s=0.5, val_every_s=0.05))
-    val_spent = result.seconds - result.train_seconds
-    assert result.train_seconds >= 0.5
-    assert len(result.val_curve) >= 3 and val_spent > 0
-    # Curve times are training seconds: non-decreasing and never beyond the training time.
-    times = [p["seconds"] for p in result.val_curve]
-    assert times == sorted(times) and times[-1] <= result.train_seconds + 1e-6
+
+    def tick(step, loss, acc):
+        clock.now += 0.1
+
+    with caplog.at_level("WARNING", logger="metatransfer.training.meta_train"):
+        result = meta_train(learner, sampler().sample, val_episodes(),
+                            settings(steps=100, val_every=2, time_budget_s=1.0), on_step=tick, clock=clock)
+    # 1.0 s of training = 10 steps of 0.1 s (had validation counted, it would stop after 2).
+    assert result.steps_done == 10 and result.budget_hit == "time"
+    assert result.train_seconds == pytest.approx(1.0)
+    assert result.seconds - result.train_seconds == pytest.approx(5.0 * len(result.val_curve))
+    assert [p["step"] for p in result.val_curve] == [2, 4, 6, 8, 10]
+    assert [p["seconds"] for p in result.val_curve] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert "the wall-clock guard (time_budget_s=1) ended meta-training after 10 of 100 steps" in caplog.text
+
+
+def test_the_step_budget_ends_a_run_unmarked_whatever_the_clock(caplog) -> None:
+    clock = FakeClock()
+
+    def tick(step, loss, acc):
+        clock.now += 1000.0  # a very loaded machine: without a guard it only takes longer
+
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="metatransfer.training.meta_train"):
+        slow = meta_train(ProtoNet(TINY, 3, ProtoNet.hparams_class()), sampler().sample, val_episodes(),
+                          settings(), on_step=tick, clock=clock)
+    torch.manual_seed(0)
+    fast = meta_train(ProtoNet(TINY, 3, ProtoNet.hparams_class()), sampler().sample, val_episodes(), settings())
+    assert slow.steps_done == fast.steps_done == 6 and slow.budget_hit == fast.budget_hit == ""
+    assert "wall-clock guard" not in caplog.text
+    assert all(torch.equal(v, fast.learner.state_dict()[k]) for k, v in slow.learner.state_dict().items())
+    # The evidence of the learner quality gate: per-episode accuracies of the best validation.
+    assert len(slow.best_val_episode_accs) == len(val_episodes())
+    assert np.mean(slow.best_val_episode_accs) == pytest.approx(slow.best_val_acc)
