@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction)
     ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--params", default=str(ROOT / "scenarios" / "characters.yaml"))
     ap.add_argument("--out", default="")
     ap.add_argument("--no-mlflow", action="store_true")
     args = ap.parse_args()

@@ -229,6 +229,7 @@ class PretrainParams:
     n_query: int = 15
     checkpoint_every: int = 100
     augment: AugmentParams = field(default_factory=lambda: AugmentParams())
+    channels_last: bool = False  # train in channels-last layout (faster CPU kernels)
 
 
 PRETRAIN_HEADS = ("cosine", "linear")

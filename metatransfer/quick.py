@@ -9,24 +9,40 @@ from typing import Any
 
 
 def quick_params(params: dict[str, Any], mirror: str | Path | None = None) -> dict[str, Any]:
-    """Return a shrunk copy of a parsed params.yaml mapping.
+    """Return a shrunk copy of a parsed params mapping (either scenario).
 
     Args:
-        params: the parsed default params.
+        params: the parsed params (params.yaml: natural images -> medical
+            targets; or scenarios/characters.yaml).
         mirror: dataset mirror folder to use (absolute); None keeps the param.
+            For the natural-image scenario pass a slice mirror
+            (tests/slices.py: a few real classes and images per dataset).
 
     Returns:
-        A new mapping: 3 datasets, 4 episodes per set, 2 algorithms x 4 steps
-        (no time guard; scratch adapts with 10 steps), one thread per process, 6 fine-tuning steps, scratch as the reference method,
-        the quality gate recording but not refusing.
+        A new mapping: at most 4 datasets, 4 episodes per set and 2 shots,
+        6 pre-training steps, 2 algorithms x 4 meta-steps (no time guard;
+        scratch adapts with 10 steps), one thread per process, 6 fine-tuning
+        steps, scratch as the reference method, the quality gate recording
+        but not refusing.
     """
     p = copy.deepcopy(params)
     if mirror is not None:
         p["data"]["mirror"] = str(mirror)
-    p["fetch"]["datasets"] = ["omniglot", "retinamnist", "breastmnist"]
+    natural = "mini_imagenet" in p["fetch"]["datasets"]
+    if natural:
+        # RetinaMNIST adds nothing the other three targets do not exercise.
+        p["fetch"]["datasets"] = ["mini_imagenet", "brain_tumor_mri", "ham10000_mel_nv", "breastmnist"]
+    else:
+        p["fetch"]["datasets"] = ["omniglot", "retinamnist", "breastmnist"]
+    kept = set(p["fetch"]["datasets"])
+    p["episodes"]["sets"] = {k: s for k, s in p["episodes"]["sets"].items() if s["dataset"] in kept}
     for s in p["episodes"]["sets"].values():
         s["n_episodes"] = 4
         s["shots"] = s["shots"][:2]
+        if natural:
+            s["n_query"] = min(s["n_query"], 3)  # slices hold a few test images per class
+    if p.get("pretrain"):
+        p["pretrain"].update(steps=6, batch_size=16, val_every=3, val_episodes=3, n_query=3, checkpoint_every=3)
     # Steps are the only budget: no wall-clock guard, so a run on a loaded
     # machine is slower but ends with the same bytes (tests/integration/test_determinism.py).
     p["meta_train"].pop("time_budget_s", None)
@@ -34,13 +50,17 @@ def quick_params(params: dict[str, Any], mirror: str | Path | None = None) -> di
         algorithms=["protonet", "fomaml"], steps=4, meta_batch_size=2,
         val_every=2, val_episodes=3, hparams={"scratch": {"steps": 10}},
     )
+    if natural:
+        p["meta_train"].update(k_shot=1, n_query=5)
     # One thread per stage process: these tensors are tiny, and on a shared,
     # loaded machine two intra-op threads per process cost up to 10x in
     # hand-offs (benchmarks/RESULTS.md, "Threads and contention").
     p.setdefault("runtime", {})["threads"] = 1
-    p["finetune"].update(methods=["protonet", "fomaml", "scratch"], steps=6, eval_every=3,
-                         val_per_class=10, shots_per_class=5, force_method="")
-    p["evaluate"].update(methods=["protonet", "fomaml", "scratch"], reference="scratch")
+    with_pretrain = ["pretrain"] if p.get("pretrain") else []
+    p["finetune"].update(methods=["protonet", "fomaml", *with_pretrain, "scratch"], steps=6, eval_every=3,
+                         val_per_class=10, shots_per_class=5, force_method="",
+                         targets=[t for t in p["finetune"]["targets"] if t in kept])
+    p["evaluate"].update(methods=["protonet", "fomaml", *with_pretrain, "scratch"], reference="scratch")
     # Four meta-steps and six fine-tuning steps do not beat chance reliably (that is
     # not their purpose): the quality gate still records its verdict in the
     # outputs but lets the models through, so the registry and serving paths run.

@@ -286,7 +286,8 @@ def validation_table(entry: dict[str, Any]) -> str:
 
 
 def register_finetune_result(root: str | Path, target: str, entry: dict[str, Any], model_uri: str,
-                             learner_uri: str | None, run_id: str = "") -> dict[str, Any]:
+                             learner_uri: str | None, run_id: str = "",
+                             class_names: list[str] | None = None) -> dict[str, Any]:
     """Register a finetune run's shipped model (and its learner) as `challenger` versions.
 
     Args:
@@ -296,6 +297,9 @@ def register_finetune_result(root: str | Path, target: str, entry: dict[str, Any
         model_uri: the logged target model (models:/<id>).
         learner_uri: the logged few-shot learner of the chosen method, or None.
         run_id: the MLflow run that logged them.
+        class_names: the target's classes in label order (default: the chosen model's
+            models/target/<target>/<chosen>/config.json); the model version's tags and
+            description list them.
 
     Returns:
         {"model": {"name", "version"}, "learner": {"name", "version"} or None}.
@@ -322,9 +326,18 @@ def register_finetune_result(root: str | Path, target: str, entry: dict[str, Any
                               f"Target validation evidence:\n\n{table}\n")
         out["learner"] = {"name": learner_name(target), "version": lv}
         tags[LEARNER_TAG] = lv
-    mv = register_version(client, model_uri, model_name(target), {**tags, "kind": "target_model"},
+    from metatransfer import tracking
+    from metatransfer.classnames import display_names
+
+    names = list(class_names or tracking.target_class_names(Path(root) / "models" / "target" / target / chosen))
+    short = display_names(names)
+    class_tags = {"class_names": json.dumps(short, ensure_ascii=False),
+                  "class_names_full": json.dumps(names, ensure_ascii=False)} if names else {}
+    classes = ("Classes (index: name, as served in `class_name`): "
+               + ", ".join(f"{i}: {n}" for i, n in enumerate(short)) + ".\n\n") if names else ""
+    mv = register_version(client, model_uri, model_name(target), {**tags, **class_tags, "kind": "target_model"},
                           f"Target model for `{target}` fine-tuned from `{chosen}` ({entry.get('reason', '')}).\n\n"
-                          f"Target validation evidence:\n\n{table}\n")
+                          f"{classes}Target validation evidence:\n\n{table}\n")
     out["model"] = {"name": model_name(target), "version": mv}
     log.info("%s: registered %s v%s%s as %s", target, model_name(target), mv,
              f" and {learner_name(target)} v{out['learner']['version']}" if out["learner"] else "", CHALLENGER)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metatransfer.classnames import display_names
 from metatransfer.config import Params, load_params
 from metatransfer.errors import DataError, MetatransferError
 
@@ -140,6 +141,7 @@ class ReportInputs:
     episode_sets: dict[str, dict[str, Any]] = field(default_factory=dict)  # set -> params for captions
     reference: str | None = None
     methods: tuple[str, ...] = ()  # params.yaml's order of methods (JSON files sort their keys)
+    class_names: dict[str, list[str]] = field(default_factory=dict)  # target -> full class names, label order
 
 
 def collect_inputs(root: Path, params: Params | None) -> ReportInputs:
@@ -166,6 +168,8 @@ def collect_inputs(root: Path, params: Params | None) -> ReportInputs:
             figures.append((png.relative_to(plots).as_posix(), data))
         else:
             log.warning("%s: not a PNG file (wrong signature); left out of the report", png)
+    evaluate = read_json(root / "metrics" / "evaluate.json")
+    class_names = {t: names for t in selections if (names := _class_names(root, t, selections[t], evaluate))}
     sets: dict[str, dict[str, Any]] = {}
     if params is not None and params.episodes is not None:
         for name, s in params.episodes.sets.items():
@@ -173,7 +177,7 @@ def collect_inputs(root: Path, params: Params | None) -> ReportInputs:
                           "n_query": s.n_query, "n_episodes": s.n_episodes}
     return ReportInputs(
         facts=run_facts(root, params),
-        evaluate=read_json(root / "metrics" / "evaluate.json"),
+        evaluate=evaluate,
         meta_train=read_json(root / "metrics" / "meta_train.json"),
         selections=selections,
         promotion=read_json(root / PROMOTION_PATH),
@@ -182,7 +186,27 @@ def collect_inputs(root: Path, params: Params | None) -> ReportInputs:
         episode_sets=sets,
         reference=params.evaluate.reference if params is not None and params.evaluate is not None else None,
         methods=tuple(params.evaluate.methods) if params is not None and params.evaluate is not None else (),
+        class_names=class_names,
     )
+
+
+def _class_names(root: Path, target: str, selection: dict[str, Any], evaluate: dict[str, Any] | None) -> list[str]:
+    """A target's class names in label order: from metrics/evaluate.json, else from the shipped
+    model's config.json (so the card names the classes before `evaluate` has run); [] when neither has them."""
+    names = (((evaluate or {}).get("target_models") or {}).get(target) or {}).get("class_names")
+    if isinstance(names, list) and names:
+        return [str(n) for n in names]
+    chosen = selection.get("chosen")
+    config = root / "models" / "target" / target / str(chosen) / "config.json"
+    if chosen and config.is_file():
+        try:
+            names = json.loads(config.read_text(encoding="utf-8")).get("class_names")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            log.warning("%s: not readable JSON; the report shows no class names for %s", config, target)
+            return []
+        if isinstance(names, list):
+            return [str(n) for n in names]
+    return []
 
 
 def _run_facts(root: Path) -> dict[str, Any]:
@@ -239,6 +263,10 @@ td.best .acc { font-weight: 700; }
 figure { display: inline-block; margin: 8px 12px 12px 0; vertical-align: top; }
 figure img { max-width: 620px; border: 1px solid var(--line); }
 figcaption { font: 12px ui-monospace, monospace; color: var(--muted); }
+p.classes .cls { font-family: ui-monospace, monospace; font-size: 13px; background: var(--bg);
+                 border: 1px solid var(--line); border-radius: 4px; padding: 0 4px; }
+th.shipped, td.shipped { background: #dafbe1; } table.confusion td { min-width: 4em; }
+td.low { color: var(--bad); font-weight: 600; }
 code, pre { font-family: ui-monospace, monospace; font-size: 13px; }
 pre { background: var(--bg); padding: 8px; overflow-x: auto; }
 """
@@ -335,19 +363,82 @@ def _section_models(inp: ReportInputs) -> str:
         for m, r in (tev.get("methods") or {}).items():
             methods[m] = {**methods.get(m, {}), **r}
         methods = {m: methods[m] for m in _ordered(list(methods), inp.methods)}
+        names = inp.class_names.get(target) or []
+        short = display_names(names)
+        if names:
+            out.append(f'<p class="classes">Classes ({len(names)}, label order): '
+                       + ", ".join(f'<span class="cls" title="{_e(n)}">{_e(d)}</span>' for n, d in zip(names, short))
+                       + "</p>")
+        weakest = names and any("per_class_recall" in r for r in methods.values())
         if methods:
             out.append("<table><thead><tr><th>method</th><th>val acc (%)</th><th>test acc (%) ± 95 % CI</th>"
-                       "<th>balanced test acc (%)</th><th>quality gate</th></tr></thead><tbody>")
+                       "<th>balanced test acc (%)</th>" + ("<th>weakest class: test recall (%)</th>" if weakest else "")
+                       + "<th>quality gate</th></tr></thead><tbody>")
             for m, r in methods.items():
                 test = fmt_acc_ci(r["test_acc"], r["test_acc_ci95"]) if "test_acc" in r else "–"
                 row_cls = ' class="shipped"' if m == chosen else ""
                 out.append(f"<tr{row_cls}><td>{_e(m)}{' (shipped)' if m == chosen else ''}</td>"
                            f"<td>{_e(fmt_pct(r.get('val_acc')))}</td><td>{_e(test)}</td>"
-                           f"<td>{_e(fmt_pct(r.get('balanced_acc')))}</td>{_gate_cell(r.get('quality_gate'))}</tr>")
+                           f"<td>{_e(fmt_pct(r.get('balanced_acc')))}</td>"
+                           + (_weakest_cell(r.get("per_class_recall"), names, short) if weakest else "")
+                           + f"{_gate_cell(r.get('quality_gate'))}</tr>")
             out.append("</tbody></table>")
             if not tev:
                 out.append('<p class="note">Test accuracies appear after <code>dvc repro evaluate</code>.</p>')
+        out.append(_per_class_table(target, methods, chosen, names, short, tev.get("class_counts")))
+        out.append(_confusion_table(target, chosen, tev.get("confusion"), names, short))
         out.append("</div>")
+    return "\n".join(out)
+
+
+def _weakest_cell(recall: Any, names: list[str], short: list[str]) -> str:
+    """The class a method recognises worst on the test split, with its recall ('–' without per-class data)."""
+    if not isinstance(recall, dict) or not recall:
+        return "<td>–</td>"
+    label = dict(zip(names, short))
+    name = min(recall, key=lambda n: (recall[n], n))
+    return f'<td title="{_e(name)}">{_e(label.get(name, name))}: {_e(fmt_pct(recall[name], 1))}</td>'
+
+
+def _per_class_table(target: str, methods: dict[str, Any], chosen: str, names: list[str], short: list[str],
+                     counts: Any) -> str:
+    """Test recall per class (rows) and method (columns); '' when evaluate.json has no per-class recall."""
+    shown = [m for m, r in methods.items() if isinstance(r.get("per_class_recall"), dict)]
+    if not names or not shown:
+        return ""
+    counts = counts if isinstance(counts, list) and len(counts) == len(names) else [None] * len(names)
+    out = [f'<h4 id="recall-{_e(target)}">Test recall per class (%)</h4>',
+           '<p class="note">Share of each class\'s test images the model labels correctly; in red: below chance '
+           f"(1/{len(names)}), a class the model misses, whatever its overall accuracy.</p>",
+           '<table class="per-class"><thead><tr><th>class</th><th>test images</th>'
+           + "".join((f'<th class="shipped">{_e(m)} (shipped)</th>' if m == chosen else f"<th>{_e(m)}</th>")
+                     for m in shown) + "</tr></thead><tbody>"]
+    for name, label, n in zip(names, short, counts):
+        cells = []
+        for m in shown:
+            v = methods[m]["per_class_recall"].get(name)
+            cls = " shipped" if m == chosen else ""
+            cls += " low" if v is not None and v < 1.0 / len(names) else ""
+            cells.append(f'<td class="{cls.strip()}">{_e(fmt_pct(v, 1))}</td>' if cls else f"<td>{_e(fmt_pct(v, 1))}</td>")
+        out.append(f'<tr><td title="{_e(name)}">{_e(label)}</td><td>{_e("–" if n is None else n)}</td>{"".join(cells)}</tr>')
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+def _confusion_table(target: str, chosen: str, cm: Any, names: list[str], short: list[str]) -> str:
+    """The shipped model's confusion matrix on the test split as a table with class names; '' without one."""
+    if not names or not isinstance(cm, list) or len(cm) != len(names):
+        return ""
+    out = [f'<h4 id="confusion-{_e(target)}">Confusion matrix of {_e(chosen)} (shipped), test split</h4>',
+           '<p class="note">Rows: true class, columns: predicted class; counts of test images, shaded by the share '
+           "of the true class.</p>",
+           '<table class="confusion"><thead><tr><th>true ↓ / predicted →</th>'
+           + "".join(f'<th title="{_e(n)}">{_e(d)}</th>' for n, d in zip(names, short)) + "</tr></thead><tbody>"]
+    for name, label, row in zip(names, short, cm):
+        total = sum(row) or 1
+        cells = "".join(f'<td style="background: rgba(9, 105, 218, {0.55 * v / total:.2f})">{_e(v)}</td>' for v in row)
+        out.append(f'<tr><th title="{_e(name)}">{_e(label)}</th>{cells}</tr>')
+    out.append("</tbody></table>")
     return "\n".join(out)
 
 

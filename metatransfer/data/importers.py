@@ -189,6 +189,36 @@ def _images_nhwc(path: Path, key: str, images: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- MedMNIST / KMNIST
+# The official label names (medmnist 3.x info.py, INFO["<name>"]["label"]; cross-checked against the
+# mirror's <name>.INFO.json), index i -> name. A dataset not listed keeps "<dataset>/NN".
+MEDMNIST_LABELS: dict[str, tuple[str, ...]] = {
+    "breastmnist": ("malignant", "normal, benign"),
+    "retinamnist": ("0", "1", "2", "3", "4"),  # diabetic retinopathy grades
+}
+
+
+def medmnist_class_names(dataset: str, n_classes: int) -> tuple[str, ...]:
+    """Class names of a MedMNIST dataset in official label order: `<dataset>/<official label>`.
+
+    The store numbers classes in sorted name order (metatransfer/data/store.py), so
+    official names are used only when they sort in label order (then label i of
+    the npz stays label i everywhere, served predictions included); otherwise, and
+    for datasets without known names, `<dataset>/NN`.
+
+    Args:
+        dataset: the dataset name (also the key of MEDMNIST_LABELS).
+        n_classes: the number of classes the source declares.
+
+    Returns:
+        n_classes distinct names, index i = npz label i.
+    """
+    labels = MEDMNIST_LABELS.get(dataset)
+    names = tuple(f"{dataset}/{label}" for label in labels) if labels else ()
+    if len(names) != n_classes or list(names) != sorted(set(names)):
+        names = tuple(f"{dataset}/{i:02d}" for i in range(n_classes))
+    return names
+
+
 def import_medmnist(path: Path, dataset: str, n_classes: int) -> Imported:
     """Read a MedMNIST 2D npz (keys {train,val,test}_{images,labels}).
 
@@ -206,6 +236,7 @@ def import_medmnist(path: Path, dataset: str, n_classes: int) -> Imported:
     splits = ("train", "val", "test")
     keys = tuple(f"{s}_{k}" for s in splits for k in ("images", "labels"))
     arrays = _load_npz(path, keys)
+    names = medmnist_class_names(dataset, n_classes)
     rows = _new_rows()
     batches = []
     for s in splits:
@@ -214,14 +245,13 @@ def import_medmnist(path: Path, dataset: str, n_classes: int) -> Imported:
         n, h, w, c = imgs.shape
         batches.append(ImageBatch(imgs))
         rows["domain"] += [dataset] * n
-        rows["class"] += [f"{dataset}/{int(y):02d}" for y in labels]
+        rows["class"] += [names[int(y)] for y in labels]
         rows["origin"] += [s] * n
         rows["source_path"] += [f"{path.name}:{s}_images[{i}]" for i in range(n)]
         rows["orig_height"] += [h] * n
         rows["orig_width"] += [w] * n
         rows["orig_channels"] += [c] * n
-    order = tuple(f"{dataset}/{i:02d}" for i in range(n_classes))
-    return Imported(dataset, "medmnist", batches, _meta(rows), order)
+    return Imported(dataset, "medmnist", batches, _meta(rows), names)
 
 
 def import_kmnist(images_path: Path, labels_path: Path, dataset: str = "kmnist", n_classes: int = 10) -> Imported:

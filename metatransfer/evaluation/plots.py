@@ -10,6 +10,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from metatransfer.classnames import display_names
 from metatransfer.errors import DataError
 
 matplotlib.use("Agg")
@@ -118,7 +119,8 @@ def plot_confusion_matrix(
     Args:
         y_true: true labels (N,) in 0..len(class_names)-1.
         y_pred: predicted labels (N,).
-        class_names: names in label order (axis ticks).
+        class_names: names in label order; the ticks show them without the `<dataset>/`
+            prefix (`classnames.display_names`).
         title: figure title.
         path: PNG to write (folders are created).
 
@@ -133,7 +135,7 @@ def plot_confusion_matrix(
     fig, ax = plt.subplots(figsize=(size + 1.0, size), dpi=110)
     im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
-    labels = [_short(c) for c in class_names]
+    labels = [_short(c) for c in display_names(class_names)]
     ax.set_xticks(range(n), labels, rotation=45 if n > 2 else 0, ha="right" if n > 2 else "center", fontsize=8)
     ax.set_yticks(range(n), labels, fontsize=8)
     ax.set_xlabel("predicted")
@@ -189,7 +191,7 @@ def plot_embedding_map(
     Args:
         features: (N, D) backbone features (array or tensor).
         labels: (N,) class labels in 0..len(class_names)-1.
-        class_names: names in label order (legend).
+        class_names: names in label order (legend, without the `<dataset>/` prefix).
         title: figure title.
         path: PNG to write.
         max_points: a seeded random subset of this many points is drawn when N is larger
@@ -212,7 +214,7 @@ def plot_embedding_map(
         keep = np.sort(np.random.default_rng(seed).choice(len(y), size=max_points, replace=False))
     fig, ax = plt.subplots(figsize=(6.5, 5.0), dpi=110)
     cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
-    for c, name in enumerate(class_names):
+    for c, name in enumerate(display_names(class_names)):
         sel = keep[y[keep] == c]
         if sel.size:
             ax.scatter(xy[sel, 0], xy[sel, 1], s=9, alpha=0.7, color=cmap(c % cmap.N), label=f"{_short(name)} ({sel.size})")

@@ -3,7 +3,9 @@
 Input (named tensors): `support_x` float32 (S, C, H, W) in [0, 1],
 `support_y` int64 (S,) labels 0..N-1, `query_x` float32 (Q, C, H, W).
 Output: a table with `prediction` per query and `prob_<i>` for i < N.
-New classes need no retraining: the support set defines them.
+New classes need no retraining: the support set defines them, so the answers
+are the support set's labels as given (the client keeps its own label -> name
+table); the model has no class names of its own.
 """
 
 from __future__ import annotations

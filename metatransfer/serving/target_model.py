@@ -1,7 +1,10 @@
 """MLflow pyfunc model (models-from-code) serving a fine-tuned target model.
 
-Input: float32 images (batch, C, H, W) in [0, 1]. Output: a table with
-`prediction` (class index), `label` (class name) and `prob_<i>` per class.
+Input: float32 images (batch, C, H, W) in [0, 1]. Output: one row per image with
+`prediction` (class index), `label` (the full class name, `<dataset>/<class>`),
+`class_name` (the name a person reads, e.g. "glioma"), `probabilities` (class
+name -> probability, every class) and `prob_<i>` per class index (the fields
+clients had before class names were added, unchanged).
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ class TargetModelPyfunc(PythonModel):
     def load_context(self, context: Any) -> None:
         from metatransfer.training.finetune import load_target_model
 
+        from metatransfer.classnames import display_names
+
         self.model = load_target_model(context.artifacts["model"])
         spec = self.model.backbone_spec
         self.channels, self.size = spec.in_channels, spec.image_size
+        self.class_names = display_names(self.model.class_names)
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
         from mlflow.exceptions import MlflowException
@@ -43,7 +49,9 @@ class TargetModelPyfunc(PythonModel):
             probs = torch.softmax(self.model(x), dim=1).numpy().astype(np.float64)
         pred = probs.argmax(1)
         out = pd.DataFrame({"prediction": pred.astype(np.int64),
-                            "label": [self.model.class_names[i] for i in pred]})
+                            "label": [self.model.class_names[i] for i in pred],
+                            "class_name": [self.class_names[i] for i in pred],
+                            "probabilities": [dict(zip(self.class_names, map(float, row))) for row in probs]})
         for i in range(probs.shape[1]):
             out[f"prob_{i}"] = probs[:, i]
         return out

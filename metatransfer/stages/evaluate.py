@@ -107,7 +107,11 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
         test = load_split(prepared, target, "test")
         x, y = to_float(test.images).to(device), torch.from_numpy(test.labels.astype(np.int64)).to(device)
         selection = json.loads((root / "models" / "target" / target / "selection.json").read_text())
-        out[target] = {"chosen": selection["chosen"], "reason": selection["reason"], "methods": {}}
+        names = list(test.class_names)
+        # Class names (full `<dataset>/<class>`, label order) and test images per class: the report and
+        # reports/evaluate.md show per-class recall and the shipped model's confusion matrix by name.
+        out[target] = {"chosen": selection["chosen"], "reason": selection["reason"], "class_names": names,
+                       "class_counts": [int((test.labels == c).sum()) for c in range(len(names))], "methods": {}}
         for method in params.finetune.methods:
             model = load_target_model(root / "models" / "target" / target / method,
                                       expected_sha256=selection["methods"][method].get("weights_sha256")).to(device)
@@ -126,14 +130,58 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
                                    out_dir / f"{target}_embedding.png")
             correct = (pred == y.cpu()).double().numpy()
             ci = mean_ci(correct, confidence)
-            per_class = [float(correct[test.labels == c].mean()) for c in range(len(test.class_names))]
+            per_class = [float(correct[test.labels == c].mean()) for c in range(len(names))]
             out[target]["methods"][method] = {"test_acc": ci.mean, "test_acc_ci95": ci.ci, "images": ci.n,
                                               "balanced_acc": float(np.mean(per_class)),
+                                              "per_class_recall": dict(zip(names, per_class)),
                                               "val_acc": selection["methods"][method]["val_acc"]}
+            if method == selection["chosen"]:
+                from metatransfer.evaluation.plots import confusion_matrix
+
+                # rows: true class, columns: predicted class, both in `class_names` order
+                out[target]["confusion"] = confusion_matrix(test.labels, pred.numpy(), len(names)).tolist()
             gate = selection["methods"][method].get("quality_gate")
             if gate:  # recorded by finetune: was this model good enough to be registered at all?
                 out[target]["methods"][method]["quality_gate"] = {"passed": gate["passed"], "reason": gate["reason"]}
     return out
+
+
+def _md(text: str) -> str:
+    """A class name in a markdown table cell ('|' would end the cell)."""
+    return str(text).replace("|", "\\|")
+
+
+def class_tables(t: dict[str, Any]) -> list[str]:
+    """Markdown lines for one target: test recall per class and method, and the shipped model's
+    confusion matrix, both labelled with the class names (without the `<dataset>/` prefix).
+
+    Args:
+        t: one entry of `evaluate_target_models` (needs "class_names"; older entries give []).
+
+    Returns:
+        The lines (empty when the entry has no class names).
+    """
+    from metatransfer.classnames import display_names
+
+    names = t.get("class_names") or []
+    if not names:
+        return []
+    short = display_names(names)
+    counts = t.get("class_counts") or [""] * len(names)
+    methods = [m for m, r in t["methods"].items() if "per_class_recall" in r]
+    lines = ["", f"Classes ({len(names)}, label order): " + ", ".join(f"{i} `{n}`" for i, n in enumerate(short)) + ".",
+             "", "Test recall (%) per class:", "",
+             "| class | test images | " + " | ".join(m + (" (shipped)" if m == t["chosen"] else "") for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for name, label, n in zip(names, short, counts):
+        cells = [f"{100 * t['methods'][m]['per_class_recall'].get(name, float('nan')):.2f}" for m in methods]
+        lines.append(f"| {_md(label)} | {n} | " + " | ".join(cells) + " |")
+    cm = t.get("confusion")
+    if cm:
+        lines += ["", f"Confusion matrix of the shipped model ({t['chosen']}; rows: true class, columns: predicted):", "",
+                  "| true ↓ / predicted → | " + " | ".join(_md(n) for n in short) + " |", "|---|" + "---|" * len(short)]
+        lines += [f"| {_md(label)} | " + " | ".join(str(v) for v in row) + " |" for label, row in zip(short, cm)]
+    return lines
 
 
 def write_report(path: Path, table: dict[str, Any], targets: dict[str, Any], reference: str, params: Params) -> None:
@@ -167,6 +215,7 @@ def write_report(path: Path, table: dict[str, Any], targets: dict[str, Any], ref
         for method, r in t["methods"].items():
             mark = " (shipped)" if method == t["chosen"] else ""
             lines.append(f"| {method}{mark} | {100 * r['val_acc']:.2f} | {100 * r['test_acc']:.2f} ± {100 * r['test_acc_ci95']:.2f} | {100 * r['balanced_acc']:.2f} |")
+        lines += class_tables(t)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -69,7 +69,8 @@ def finetune_target(
     from metatransfer import runtime
 
     settings = FinetuneSettings(f.steps, f.lr, f.batch_size, f.train_layers, f.eval_every, f.patience,
-                                device=str(runtime.device_for(params)), precision=runtime.settings_of(params).precision)
+                                device=str(runtime.device_for(params)), precision=runtime.settings_of(params).precision,
+                                augment=f.augment)
     results: dict[str, FinetuneResult] = {}
     for method in f.methods:
         learner = load_method(method, params, root)
@@ -113,6 +114,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
                 return sink
 
             results, chosen, reason = finetune_target(target, params, root, sink_factory)
+            tracking.log_class_names(target, results[chosen].model.class_names)  # tag + classes/<target>.json
             entry: dict[str, Any] = {"chosen": chosen, "reason": reason, "methods": {}}
             for method, r in results.items():
                 sums = save_target_model(r.model, out / target / method, extra={"val_acc": r.val_acc, "best_step": r.best_step})

@@ -38,7 +38,8 @@ def settings_of(p: PretrainParams) -> PretrainSettings:
     """The loop's settings from the params section."""
     return PretrainSettings(steps=p.steps, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer,
                             weight_decay=p.weight_decay, lr_schedule=p.lr_schedule,
-                            label_smoothing=p.label_smoothing, val_every=p.val_every, augment=p.augment)
+                            label_smoothing=p.label_smoothing, val_every=p.val_every, augment=p.augment,
+                            channels_last=p.channels_last)
 
 
 def train(params: Params, root: Path, sink=None, checkpoint_dir: Path | None = None,

@@ -33,6 +33,8 @@ from torch import nn
 
 from metatransfer.algorithms.base import MetaLearner
 from metatransfer.artifacts import load_state, save_state
+from metatransfer.augment import augment_batch
+from metatransfer.config import AugmentParams
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec, build_backbone
 from metatransfer.training.checkpoint import (
@@ -123,6 +125,9 @@ class FinetuneSettings:
     # fine-tuning has no wall-clock dependence.
     device: str = "cpu"
     precision: str = "fp32"
+    # Batch augmentation of the labelled images (off by default); step s draws
+    # from a generator seeded by (seed, s), so a resumed run sees the same batches.
+    augment: AugmentParams = field(default_factory=AugmentParams)
 
 
 @dataclass
@@ -288,8 +293,12 @@ def finetune(
         if settings.train_layers == "head":
             model.backbone.eval()  # keep φ's statistics when only the head trains
         idx = torch.randint(len(train_x), (min(settings.batch_size, len(train_x)),), generator=gen).to(device)
+        x = train_x[idx]
+        if settings.augment.enabled:
+            aug_gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            x = augment_batch(x.cpu(), settings.augment, aug_gen).to(device)
         with runtime.autocast(device, settings.precision):
-            loss = loss_fn(model(train_x[idx]), train_y[idx])
+            loss = loss_fn(model(x), train_y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -73,6 +73,7 @@ class PretrainSettings:
         label_smoothing: cross-entropy label smoothing in [0, 1).
         val_every: steps between validations (the last step is always validated).
         augment: the batch augmentation (off when `augment.enabled` is False).
+        channels_last: train in channels-last memory layout.
     """
 
     steps: int
@@ -84,6 +85,10 @@ class PretrainSettings:
     label_smoothing: float = 0.0
     val_every: int = 100
     augment: AugmentParams = field(default_factory=AugmentParams)
+    # 4-D weights and batches in channels-last layout during training (faster
+    # oneDNN kernels on CPU; 2.7x per step with bf16 at 32 px, RESULTS.md);
+    # the modules are returned in the default layout.
+    channels_last: bool = False
 
 
 @dataclass
@@ -250,6 +255,8 @@ def pretrain(
     if out_dim != n_classes:
         raise PretrainError(f"pretrain: the head has {out_dim} outputs but the sources have {n_classes} classes")
     model = nn.Sequential(backbone, head).to(device)
+    layout = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
     optimizer = _optimizer(model, settings)
     emit = sink or (lambda *a: None)
     amp = autocast or contextlib.nullcontext
@@ -279,7 +286,7 @@ def pretrain(
         x = gather(images, split_ids[pos], rows[pos])
         if settings.augment.enabled:
             x = augment_batch(x, settings.augment, torch.Generator().manual_seed(seed * 1_000_003 + step))
-        x, y = x.to(device), y_all[pos].to(device)
+        x, y = x.to(device).contiguous(memory_format=layout), y_all[pos].to(device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings)
         with amp():
@@ -309,5 +316,5 @@ def pretrain(
         model.load_state_dict(best_state)
     else:
         best_step = step
-    model.to("cpu").eval()
+    model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     return PretrainResult(best_acc, best_step, step, curve, resumed.step if resumed is not None else None)

@@ -16,7 +16,11 @@ from tests.integration.conftest import project_env
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["fetch", "prepare", "episodes", "meta_train", "finetune", "evaluate"]
+STAGES = ["fetch", "prepare", "episodes", "pretrain", "meta_train", "finetune", "evaluate"]
+
+
+def _params(project: Path) -> dict:
+    return yaml.safe_load((project / "params.yaml").read_text())
 
 
 def _mlflow_runs(project: Path):
@@ -40,7 +44,10 @@ def test_dvc_repro_runs_every_stage_and_logs_to_mlflow(dvc_project: Path) -> Non
         assert f"Running stage '{stage}'" in log
     client, runs = _mlflow_runs(dvc_project)
     names = {r.info.run_name for r in runs}
-    assert {"meta_train", "meta_train/protonet", "meta_train/fomaml", "finetune", "evaluate"} <= names
+    assert {"pretrain", "meta_train", "meta_train/protonet", "meta_train/fomaml", "finetune", "evaluate"} <= names
+    pre = next(r for r in runs if r.info.run_name == "pretrain")
+    assert [m.step for m in client.get_metric_history(pre.info.run_id, "pretrain/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(pre.info.run_id, "val/acc")] == [3, 6]
     mt = next(r for r in runs if r.info.run_name == "meta_train/protonet")
     history = client.get_metric_history(mt.info.run_id, "meta_train/loss")
     assert [m.step for m in history] == [1, 2, 3, 4]  # every step logged
@@ -53,13 +60,19 @@ def test_dvc_repro_runs_every_stage_and_logs_to_mlflow(dvc_project: Path) -> Non
 
 def test_metrics_report_and_models_are_consistent(dvc_project: Path) -> None:
     metrics = json.loads((dvc_project / "metrics" / "evaluate.json").read_text())
-    row = metrics["episodes"]["omniglot_test"]["protonet"]["1"]
+    params = _params(dvc_project)
+    first_set = next(iter(params["episodes"]["sets"]))
+    assert set(metrics["episodes"]) == set(params["episodes"]["sets"])
+    assert set(metrics["episodes"][first_set]) == set(params["evaluate"]["methods"])
+    row = metrics["episodes"][first_set]["protonet"]["1"]
     assert 0.0 <= row["acc_mean"] <= 1.0 and row["episodes"] == 4
     assert "diff_vs_reference" in row  # paired against the reference (scratch here)
-    assert "diff_vs_reference" not in metrics["episodes"]["omniglot_test"]["scratch"]["1"]
+    assert "diff_vs_reference" not in metrics["episodes"][first_set]["scratch"]["1"]
     report = (dvc_project / "reports" / "evaluate.md").read_text()
     assert f"{100 * row['acc_mean']:.2f} ± {100 * row['acc_ci95']:.2f}" in report
-    for target in ("retinamnist", "breastmnist"):
+    pre = json.loads((dvc_project / "metrics" / "pretrain.json").read_text())
+    assert pre["steps"] == params["pretrain"]["steps"] and 0.0 <= pre["best_val_acc"] <= 1.0
+    for target in params["finetune"]["targets"]:
         sel = json.loads((dvc_project / "models" / "target" / target / "selection.json").read_text())
         best = max(sel["methods"], key=lambda m: sel["methods"][m]["val_acc"])
         assert sel["methods"][sel["chosen"]]["val_acc"] == sel["methods"][best]["val_acc"]
@@ -71,7 +84,7 @@ def test_target_model_loads_and_predicts(dvc_project: Path) -> None:
 
     model = load_target_model(dvc_project / "models" / "target" / "breastmnist" / "protonet")
     test = load_split(dvc_project / "data" / "prepared", "breastmnist", "test")
-    x = torch.from_numpy(test.images[:32]).float() / 255
+    x = torch.from_numpy(np.array(test.images[:32])).float() / 255
     logits = model(x)
     assert logits.shape == (32, 2) and torch.isfinite(logits).all()
     metrics = json.loads((dvc_project / "metrics" / "evaluate.json").read_text())
@@ -124,19 +137,21 @@ def test_logged_mlflow_models_load_with_pyfunc_and_match_the_library(dvc_project
     from metatransfer.training.finetune import load_target_model
 
     mlflow.set_tracking_uri(f"sqlite:///{dvc_project / 'mlflow.db'}")
-    test = load_split(dvc_project / "data" / "prepared", "retinamnist", "test")
+    target = _params(dvc_project)["finetune"]["targets"][0]
+    test = load_split(dvc_project / "data" / "prepared", target, "test")
     x = (test.images[:16].astype(np.float32) / 255.0)
+    n_classes = len(test.class_names)
 
-    sel = json.loads((dvc_project / "models" / "target" / "retinamnist" / "selection.json").read_text())
+    sel = json.loads((dvc_project / "models" / "target" / target / "selection.json").read_text())
     facts = json.loads((dvc_project / "reports" / "run_facts.json").read_text())  # MLflow URIs: not in DVC outputs
-    served = mlflow.pyfunc.load_model(facts["finetune"]["retinamnist"]["model_uri"])
+    served = mlflow.pyfunc.load_model(facts["finetune"][target]["model_uri"])
     out = served.predict(x)
     assert isinstance(out, pd.DataFrame) and list(out.columns[:2]) == ["prediction", "label"]
-    lib = load_target_model(dvc_project / "models" / "target" / "retinamnist" / sel["chosen"])
+    lib = load_target_model(dvc_project / "models" / "target" / target / sel["chosen"])
     with torch.no_grad():
         expected = lib(torch.from_numpy(x)).argmax(1).numpy()
     assert out["prediction"].tolist() == expected.tolist()
-    assert np.allclose(out[[f"prob_{i}" for i in range(5)]].sum(axis=1), 1.0)
+    assert np.allclose(out[[f"prob_{i}" for i in range(n_classes)]].sum(axis=1), 1.0)
     with pytest.raises(Exception, match=r"shape"):
         served.predict(x[:, :, :10, :10])  # wrong image size: a readable schema error
 
@@ -151,3 +166,20 @@ def test_logged_mlflow_models_load_with_pyfunc_and_match_the_library(dvc_project
     # Each support image is its own class's nearest prototype.
     out_s = few_shot.predict({"support_x": sx, "support_y": sy, "query_x": sx})
     assert out_s["prediction"].tolist() == sy.tolist()
+
+
+def test_characters_scenario_runs_end_to_end(tmp_path: Path, mirror: Path) -> None:
+    """The second scenario (Omniglot -> MedMNIST, 28 px grey) through the same stages."""
+    from tests.integration.conftest import ROOT, make_project
+
+    project = make_project(tmp_path / "characters", mirror, ROOT / "scenarios" / "characters.yaml")
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=project, env=project_env(project),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    assert set(metrics["episodes"]) == {"omniglot_test", "retinamnist_test", "breastmnist_test"}
+    assert metrics["episodes"]["omniglot_test"]["protonet"]["1"]["episodes"] == 4
+    from metatransfer.data.store import load_split
+
+    assert load_split(project / "data" / "prepared", "omniglot", "meta_test").images.shape[1:] == (1, 28, 28)
+    assert _dvc(project, "status", "--json").stdout.strip() in ("{}", "")

@@ -99,7 +99,7 @@ def test_finetune_registers_challengers_with_provenance(dvc_project: Path, tmp_p
     params_sha = hashlib.sha256((dvc_project / "params.yaml").read_bytes()).hexdigest()
     # Registered versions are run-specific: reports/run_facts.json, not selection.json (a DVC output).
     facts = json.loads((dvc_project / "reports" / "run_facts.json").read_text())["finetune"]
-    for target in ("retinamnist", "breastmnist"):
+    for target in yaml.safe_load((dvc_project / "params.yaml").read_text())["finetune"]["targets"]:
         sel = json.loads((dvc_project / "models" / "target" / target / "selection.json").read_text())
         assert "registered" not in sel and "model_uri" not in sel
         mv = client.get_model_version_by_alias(registry.model_name(target), "challenger")
@@ -172,7 +172,8 @@ def _register(project: Path, model, tag: str, with_learner: bool) -> dict:
     save_target_model(model, folder)
     tracking.configure(project)
     with mlflow.start_run(run_name=f"candidate/{tag}") as run:
-        uri = tracking.log_target_model(folder, 1, 28, 2, name=f"target_{tag}")
+        prep = load_params(project / "params.yaml").prepare
+        uri = tracking.log_target_model(folder, prep.channels, prep.image_size, 2, name=f"target_{tag}")
         learner_uri = registry.log_learner_for("protonet", load_params(project / "params.yaml"), project, TARGET) if with_learner else None
     entry = {"chosen": "scratch", "reason": f"test candidate {tag}", "methods": {"scratch": {"val_acc": 0.5, "best_step": 0}}}
     return registry.register_finetune_result(project, TARGET, entry, uri, learner_uri, run.info.run_id)
@@ -198,7 +199,7 @@ def chain(dvc_project: Path, tmp_path_factory: pytest.TempPathFactory):
         test = load_split(project / "data" / "prepared", TARGET, "test")
         x = test.images.astype(np.float32) / 255
         tx, ty = torch.from_numpy(x), torch.from_numpy(test.labels.astype(np.int64))
-        models = {"baseline": _train(project, 0, 5, 1), "worse": _train(project, 1, 5, 1),
+        models = {"baseline": _train(project, 0, 5, 3), "worse": _train(project, 1, 5, 1),
                   "good": _train(project, 0, 5, 0), "better": _train(project, 0, 20, 30)}
         accs = {k: accuracy(m, tx, ty) for k, m in models.items()}
         # Preconditions of the scenario (deterministic on CPU); if the training code

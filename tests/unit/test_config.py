@@ -23,8 +23,38 @@ def raw() -> dict:
 def test_project_params_load_typed(raw: dict) -> None:
     p = load_params(ROOT / "params.yaml")
     assert isinstance(p, Params)
+    # The default scenario: natural images -> medical targets, RGB, pre-train -> meta-train -> fine-tune.
+    assert p.prepare.image_size == 32 and p.prepare.channels == 3
+    assert isinstance(p.fetch.datasets, tuple) and p.fetch.datasets[0] == "mini_imagenet"
+    assert p.pretrain is not None and p.pretrain.datasets == ("mini_imagenet",)
+    assert p.meta_train.init == "pretrain" and p.meta_train.sources[0].dataset == "mini_imagenet"
+    assert set(p.finetune.targets) == {"brain_tumor_mri", "ham10000_mel_nv", "breastmnist", "retinamnist"}
+    assert {"pretrain", "scratch"} <= set(p.finetune.methods)
+    # Steps, not seconds, are the budget in the defaults.
+    assert p.meta_train.time_budget_s == 0 and "time_budget_s" not in raw["meta_train"]
+
+
+def test_characters_scenario_loads_typed() -> None:
+    p = load_params(ROOT / "scenarios" / "characters.yaml")
     assert p.prepare.image_size == 28 and p.prepare.channels == 1
-    assert isinstance(p.fetch.datasets, tuple) and "omniglot" in p.fetch.datasets
+    assert "omniglot" in p.fetch.datasets and p.meta_train.sources[0].dataset == "omniglot"
+
+
+def test_pretrain_and_init_errors_name_the_key(raw: dict) -> None:
+    bad = dict(raw, pretrain=dict(raw["pretrain"], head="softmax"))
+    with pytest.raises(ConfigError, match=r"pretrain\.head: must be one of \['cosine', 'linear'\], found 'softmax'"):
+        params_from_mapping(bad)
+    bad = dict(raw, meta_train=dict(raw["meta_train"], init="imagenet"))
+    with pytest.raises(ConfigError, match=r"meta_train\.init: must be one of \['scratch', 'pretrain', 'pretrained_file'\]"):
+        params_from_mapping(bad)
+    no_pre = {k: v for k, v in raw.items() if k != "pretrain"}
+    no_pre["finetune"] = dict(raw["finetune"], methods=["protonet", "scratch"])
+    no_pre["evaluate"] = dict(raw["evaluate"], methods=["protonet"], reference="protonet")
+    with pytest.raises(ConfigError, match=r"meta_train\.init: is 'pretrain' but params has no `pretrain` section"):
+        params_from_mapping(no_pre)
+    bad = dict(raw, meta_train=dict(raw["meta_train"], init="pretrained_file"))
+    with pytest.raises(ConfigError, match=r"meta_train\.init: is 'pretrained_file' but model\.pretrained is not set"):
+        params_from_mapping(bad)
 
 
 def test_unknown_top_level_key_is_named(raw: dict) -> None:
@@ -110,7 +140,8 @@ def test_params_are_frozen(raw: dict) -> None:
 
 def test_flatten_gives_dotted_keys(raw: dict) -> None:
     flat = flatten(params_from_mapping(raw))
-    assert flat["prepare.image_size"] == 28
+    assert flat["prepare.image_size"] == 32
+    assert flat["pretrain.augment.crop_scale"] == (0.5, 1.0)
     assert flat["data.prepared_dir"] == "data/prepared"
 
 
@@ -136,15 +167,18 @@ def test_finetune_methods_must_be_trained_or_scratch(raw: dict) -> None:
 
 
 def test_episode_set_ranges(raw: dict) -> None:
-    raw["episodes"]["sets"]["omniglot_test"]["shots"] = [0, 5]
-    with pytest.raises(ConfigError, match=r"episodes.sets.omniglot_test.shots: must be a non-empty list"):
+    name = next(iter(raw["episodes"]["sets"]))
+    raw["episodes"]["sets"][name]["shots"] = [0, 5]
+    with pytest.raises(ConfigError, match=rf"episodes.sets.{name}.shots: must be a non-empty list"):
         params_from_mapping(raw)
 
 
 def test_training_levers_default_off_and_are_validated(raw: dict) -> None:
     p = params_from_mapping(copy.deepcopy(raw))
-    assert (p.meta_train.lr_schedule, p.meta_train.precision, p.meta_train.channels_last) == ("constant", "", False)
-    assert p.runtime.precision == "fp32"  # precision moved to runtime; meta_train.precision is deprecated
+    assert (p.meta_train.lr_schedule, p.meta_train.precision) == ("constant", "")
+    # The default scenario turns the CPU levers on (2.7x per Conv-4 step at 32 px, benchmarks/RESULTS.md);
+    # precision moved to runtime, meta_train.precision is deprecated.
+    assert p.meta_train.channels_last and p.pretrain.channels_last and p.runtime.precision == "bf16"
     raw["meta_train"]["precision"] = "fp8"
     with pytest.raises(ConfigError, match=r"meta_train.precision.*must be one of \['fp32', 'bf16', 'fp16'\], found 'fp8'"):
         params_from_mapping(copy.deepcopy(raw))

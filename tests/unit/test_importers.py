@@ -61,7 +61,31 @@ def test_medmnist_both_label_shapes() -> None:
     assert retina.batches[0].data.shape == (1080, 28, 28, 3) and set(retina.meta["orig_channels"]) == {3}
     breast = imp.import_medmnist(MIRROR / "medmnist/breastmnist.npz", "breastmnist", 2)  # labels (N,), grey
     assert len(breast.meta) == 780 and breast.batches[0].data.shape[-1] == 1
-    assert sorted(breast.meta["class"].unique()) == ["breastmnist/00", "breastmnist/01"]
+    assert sorted(breast.meta["class"].unique()) == ["breastmnist/malignant", "breastmnist/normal, benign"]
+
+
+@needs_mirror
+@pytest.mark.parametrize("name, n_classes", [("breastmnist", 2), ("retinamnist", 5)])
+def test_medmnist_class_names_are_the_official_labels_in_label_order(name: str, n_classes: int) -> None:
+    import json
+
+    info = json.loads((MIRROR / f"medmnist/{name}.INFO.json").read_text())["label"]
+    data = imp.import_medmnist(MIRROR / f"medmnist/{name}.npz", name, n_classes)
+    assert data.class_order == tuple(f"{name}/{info[str(i)]}" for i in range(n_classes))
+    # The store numbers classes in sorted name order: that must be the npz's own label order.
+    assert sorted(data.class_order) == list(data.class_order)
+    npz = np.load(MIRROR / f"medmnist/{name}.npz")
+    labels = np.concatenate([npz[f"{s}_labels"].reshape(-1) for s in ("train", "val", "test")])
+    stored = data.meta["class"].map({c: i for i, c in enumerate(sorted(data.class_order))}).to_numpy()
+    np.testing.assert_array_equal(stored, labels)
+
+
+def test_medmnist_names_fall_back_to_numbers_when_unknown_or_out_of_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert imp.medmnist_class_names("pathmnist", 3) == ("pathmnist/00", "pathmnist/01", "pathmnist/02")
+    assert imp.medmnist_class_names("breastmnist", 2) == ("breastmnist/malignant", "breastmnist/normal, benign")
+    monkeypatch.setitem(imp.MEDMNIST_LABELS, "dermamnist", ("nevi", "melanoma"))  # would renumber the classes
+    assert imp.medmnist_class_names("dermamnist", 2) == ("dermamnist/00", "dermamnist/01")
+    assert imp.medmnist_class_names("breastmnist", 3)[0] == "breastmnist/00"  # count disagrees with the names
 
 
 @needs_mirror

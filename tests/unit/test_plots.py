@@ -95,3 +95,27 @@ def test_plot_embedding_map(tmp_path: Path) -> None:
 def test_existing_plot_still_writes(tmp_path: Path) -> None:
     out = plot_accuracy_vs_shots({"protonet": {1: (0.4, 0.02), 5: (0.6, 0.02)}}, "t", tmp_path / "s.png")
     _non_blank_png(out)
+
+
+def test_figures_label_classes_without_the_dataset_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from metatransfer.evaluation import plots
+
+    texts: list[str] = []
+    save = plots._save
+
+    def capture(fig, path):
+        ax = fig.axes[0]
+        texts.extend(t.get_text() for t in [*ax.get_xticklabels(), *ax.get_yticklabels()])
+        if ax.get_legend() is not None:
+            texts.extend(t.get_text() for t in ax.get_legend().get_texts())
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    names = ["brain_tumor_mri/glioma", "brain_tumor_mri/meningioma", "brain_tumor_mri/notumor", "brain_tumor_mri/pituitary"]
+    y = np.repeat(np.arange(4), 5)
+    plot_confusion_matrix(y, y[::-1], names, "brain_tumor_mri", tmp_path / "cm.png")
+    assert texts[:4] == ["glioma", "meningioma", "notumor", "pituitary"] == texts[4:8]
+    texts.clear()
+    feats = np.random.default_rng(0).normal(size=(20, 8))
+    plot_embedding_map(feats, y, names, "brain_tumor_mri", tmp_path / "emb.png")
+    assert [t for t in texts if "(" in t] == ["glioma (5)", "meningioma (5)", "notumor (5)", "pituitary (5)"]

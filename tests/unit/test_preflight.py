@@ -38,7 +38,8 @@ def prepared(tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def raw() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
+    # The characters scenario's shapes; the manifests above are written to match them.
+    return yaml.safe_load((ROOT / "scenarios" / "characters.yaml").read_text())
 
 
 def check(raw: dict, prepared: Path) -> None:

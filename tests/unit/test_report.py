@@ -59,6 +59,9 @@ RUN_FACTS = {"meta_train": {"run_id": "r1", "algorithms": {"protonet": {"model_u
 def _params_file(root: Path) -> Path:
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     raw["finetune"]["targets"] = ["retinamnist"]
+    # The page's inputs below name these methods; keep the test independent of the default scenario's choice.
+    raw["evaluate"]["reference"] = "baselinepp"
+    raw["evaluate"]["methods"] = ["protonet", "baselinepp"]
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -305,3 +308,59 @@ def test_run_ui_prints_report_url(tmp_path: Path) -> None:
     lines: list[str] = []
     assert report.run_ui("report", root=root, echo=lines.append) == 0
     assert lines == [f"report: {(root / 'reports' / 'index.html').resolve().as_uri()}"]
+
+
+def test_target_cards_name_the_classes(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    ev = json.loads((root / "metrics" / "evaluate.json").read_text())
+    names = [f"retinamnist/{g}" for g in range(3)] + ["retinamnist/normal, benign <b>"]
+    t = ev["target_models"]["retinamnist"]
+    t.update(class_names=names, class_counts=[10, 8, 6, 4], confusion=[[7, 2, 1, 0], [1, 6, 1, 0], [0, 2, 4, 0], [0, 0, 1, 3]])
+    t["methods"]["protonet"]["per_class_recall"] = dict(zip(names, [0.7, 0.75, 0.6667, 0.75]))
+    t["methods"]["scratch"]["per_class_recall"] = dict(zip(names, [0.9, 0.5, 0.3333, 0.2]))  # last: below chance
+    (root / "metrics" / "evaluate.json").write_text(json.dumps(ev))
+    page = _build(root)
+    card = page[page.index('id="target-retinamnist"'):page.index('id="evaluation"')]
+    short = '<span class="cls" title="retinamnist/normal, benign &lt;b&gt;">normal, benign &lt;b&gt;</span>'
+    assert 'Classes (4, label order): <span class="cls" title="retinamnist/0">0</span>' in card and short in card
+    # per-class recall: one row per class, named without the dataset prefix, one column per method
+    recall = card[card.index('id="recall-retinamnist"'):card.index('id="confusion-retinamnist"')]
+    assert '<th class="shipped">protonet (shipped)</th><th>scratch</th>' in recall
+    assert ('<tr><td title="retinamnist/normal, benign &lt;b&gt;">normal, benign &lt;b&gt;</td><td>4</td>'
+            '<td class="shipped">75.0</td><td class="low">20.0</td></tr>') in recall
+    assert '<td>33.3</td>' in recall  # above chance (1/4): not marked
+    # the shipped model's confusion matrix with class names on both axes
+    confusion = card[card.index('id="confusion-retinamnist"'):]
+    assert "Confusion matrix of protonet (shipped)" in confusion
+    assert confusion.count(">normal, benign &lt;b&gt;</th>") == 2  # column header and row header
+    assert '<tr><th title="retinamnist/1">1</th><td style="background: rgba(9, 105, 218, 0.07)">1</td>' in confusion
+    # the methods table names each method's weakest class
+    assert '<td title="retinamnist/2">2: 66.7</td>' in card and ">normal, benign &lt;b&gt;: 20.0</td>" in card
+
+
+def test_target_card_takes_class_names_from_the_model_before_evaluate(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    (root / "metrics" / "evaluate.json").unlink()
+    model = root / "models" / "target" / "retinamnist" / "protonet"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"kind": "target_model", "class_names": ["retinamnist/0", "retinamnist/1"]}))
+    page = _build(root)
+    assert ('Classes (2, label order): <span class="cls" title="retinamnist/0">0</span>, '
+            '<span class="cls" title="retinamnist/1">1</span>') in page
+    assert "Test recall per class" not in page  # needs evaluate's numbers
+
+
+def test_evaluate_markdown_names_the_classes() -> None:
+    from metatransfer.stages.evaluate import class_tables
+
+    names = ["breastmnist/malignant", "breastmnist/normal, benign"]
+    t = {"chosen": "protonet", "class_names": names, "class_counts": [42, 114], "confusion": [[30, 12], [9, 105]],
+         "methods": {"protonet": {"per_class_recall": dict(zip(names, [30 / 42, 105 / 114]))},
+                     "scratch": {"per_class_recall": dict(zip(names, [0.5, 0.9]))}}}
+    lines = class_tables(t)
+    assert "Classes (2, label order): 0 `malignant`, 1 `normal, benign`." in lines
+    assert "| class | test images | protonet (shipped) | scratch |" in lines
+    assert "| malignant | 42 | 71.43 | 50.00 |" in lines and "| normal, benign | 114 | 92.11 | 90.00 |" in lines
+    assert "| true ↓ / predicted → | malignant | normal, benign |" in lines
+    assert "| normal, benign | 9 | 105 |" in lines
+    assert class_tables({"chosen": "x", "methods": {}}) == []  # evaluate.json written before class names

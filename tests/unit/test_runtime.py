@@ -129,4 +129,5 @@ def test_deprecated_meta_train_precision_still_wins_with_a_warning(raw: dict, ca
         assert runtime.precision_for(p) == "bf16"
     assert "meta_train.precision is deprecated: it moved to runtime.precision" in caplog.text
     raw["meta_train"].pop("precision")
+    raw["runtime"]["precision"] = "fp32"
     assert runtime.precision_for(params_from_mapping(raw)) == "fp32"

@@ -44,3 +44,69 @@ def test_bad_labels_are_named(value, expected: str) -> None:
     with pytest.raises(InputError, match=expected):
         as_labels(value, "support_y", 4)
 
+
+
+# --------------------------------------------------------------------------- the target model's answer
+def _served_target_model(tmp_path, class_names: list[str]):
+    """The pyfunc of a tiny saved target model, loaded as the scoring server loads it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from metatransfer.models import BackboneSpec
+    from metatransfer.serving.target_model import TargetModelPyfunc
+    from metatransfer.training.finetune import TargetModel, save_target_model
+
+    torch.manual_seed(0)
+    model = TargetModel(BackboneSpec(name="conv4", in_channels=3, image_size=16, hidden=4), class_names, "protonet")
+    save_target_model(model, tmp_path / "model")
+    pyfunc = TargetModelPyfunc()
+    pyfunc.load_context(SimpleNamespace(artifacts={"model": str(tmp_path / "model")}))
+    return pyfunc
+
+
+def test_target_model_answers_with_class_names(tmp_path) -> None:
+    names = ["brain_tumor_mri/glioma", "brain_tumor_mri/meningioma", "brain_tumor_mri/notumor",
+             "brain_tumor_mri/pituitary"]
+    pyfunc = _served_target_model(tmp_path, names)
+    x = np.random.default_rng(0).random((6, 3, 16, 16), dtype=np.float32)
+    out = pyfunc.predict(None, x)
+    # today's fields, unchanged
+    assert {"prediction", "label", "prob_0", "prob_1", "prob_2", "prob_3"} <= set(out.columns)
+    probs = out[[f"prob_{i}" for i in range(4)]].to_numpy()
+    assert out["prediction"].tolist() == probs.argmax(1).tolist()
+    assert out["label"].tolist() == [names[i] for i in out["prediction"]]
+    # the names a person reads: no dataset prefix, probabilities keyed by them
+    short = ["glioma", "meningioma", "notumor", "pituitary"]
+    assert out["class_name"].tolist() == [short[i] for i in out["prediction"]]
+    for row, p in zip(out["probabilities"], probs):
+        assert list(row) == short
+        np.testing.assert_allclose(list(row.values()), p, atol=1e-12)
+    # JSON as the scoring server writes it: the dict column is an object keyed by class name
+    import io
+    import json
+
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    buf = io.StringIO()
+    predictions_to_json(out, buf)
+    first = json.loads(buf.getvalue())["predictions"][0]
+    assert first["class_name"] in short and set(first["probabilities"]) == set(short)
+
+
+def test_target_model_keeps_full_names_when_short_ones_collide(tmp_path) -> None:
+    pyfunc = _served_target_model(tmp_path, ["a/cat", "b/cat"])
+    out = pyfunc.predict(None, np.zeros((2, 3, 16, 16), dtype=np.float32))
+    assert set(out["probabilities"][0]) == {"a/cat", "b/cat"} and out["class_name"][0] in {"a/cat", "b/cat"}
+
+
+def test_display_names() -> None:
+    from metatransfer.classnames import display_name, display_names
+
+    assert display_name("breastmnist/normal, benign") == "normal, benign"
+    assert display_name("omniglot/Greek/character01") == "Greek/character01"
+    assert display_name("omniglot/Greek/character01", "omniglot") == "Greek/character01"
+    assert display_name("mini_imagenet/n01532829", "other") == "mini_imagenet/n01532829"
+    assert display_name("glioma") == "glioma" and display_name("x/") == "x/"
+    assert display_names(["retinamnist/0", "retinamnist/1"]) == ["0", "1"]
+    assert display_names(["a/cat", "b/cat", "b/dog"]) == ["a/cat", "b/cat", "b/dog"]
