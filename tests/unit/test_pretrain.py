@@ -166,3 +166,53 @@ def test_a_backbone_of_another_shape_is_refused_with_the_keys():
     other = build_algorithm("protonet", BackboneSpec(name="conv4", in_channels=3, image_size=16, hidden=16), 5, None)
     with pytest.raises(ConfigError, match=r"shape mismatches \[.*\(8, 3, 3, 3\) vs \(16, 3, 3, 3\)"):
         copy_backbone(pre.backbone, other.backbone, "test")
+
+
+def test_meta_train_init_pretrained_file_loads_the_verified_weights(tmp_path):
+    """meta_train.init: pretrained_file starts θ from model.pretrained (checksum verified)."""
+    import copy
+
+    import yaml
+    from safetensors.torch import save_file
+
+    from metatransfer.artifacts import sha256_file
+    from metatransfer.config import params_from_mapping
+    from metatransfer.learners import backbone_spec, init_backbone
+    from metatransfer.models import PretrainedWeightsError
+
+    raw = yaml.safe_load(open("params.yaml"))
+    spec_params = params_from_mapping(raw)
+    torch.manual_seed(3)
+    source = build_algorithm("protonet", backbone_spec(spec_params), 5, None)
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.backbone.state_dict().items()}, str(weights))
+    raw = copy.deepcopy(raw)
+    raw["model"]["pretrained"] = {"path": str(weights), "sha256": sha256_file(weights)}
+    raw["meta_train"]["init"] = "pretrained_file"
+    params = params_from_mapping(raw)
+    torch.manual_seed(0)
+    learner = build_algorithm("fomaml", backbone_spec(params), 5, None)
+    init_backbone(learner, params, tmp_path)
+    for k, v in learner.backbone.state_dict().items():
+        assert torch.equal(v, source.backbone.state_dict()[k]), k
+    raw["model"]["pretrained"]["sha256"] = "0" * 64
+    with pytest.raises(PretrainedWeightsError, match="w.safetensors"):
+        init_backbone(learner, params_from_mapping(raw), tmp_path)
+
+
+def test_finetune_augmentation_is_seeded_and_changes_training():
+    from metatransfer.training.finetune import FinetuneSettings, finetune
+
+    x, y = toy_source(n_classes=2, per_class=8)
+    tx, ty = torch.from_numpy(x).float() / 255, torch.from_numpy(y)
+    pre = learner(2)
+
+    def run(aug: AugmentParams) -> torch.Tensor:
+        st = FinetuneSettings(steps=4, lr=1e-2, batch_size=8, train_layers="all", eval_every=100, patience=0,
+                              augment=aug)
+        model = finetune(pre, tx, ty, None, None, ["a", "b"], st, seed=0).model
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    on = AugmentParams(enabled=True, color_jitter=0.3)
+    assert torch.equal(run(on), run(on))
+    assert not torch.equal(run(on), run(AugmentParams()))
