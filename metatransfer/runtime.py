@@ -290,7 +290,10 @@ def apply(settings: RuntimeSettings | Any | None = None, warn_load: bool = True)
     load, ncores = load_average(), cores()
     if warn_load and load > ncores:
         log.warning("load average %.2f at start exceeds the %d core(s): other processes compete for the CPU, "
-                    "so this run will be slower (its results do not change: budgets are steps)", load, ncores)
+                    "so this run will be slower (its results do not change: budgets are steps). With %d "
+                    "threads beside a busy process a training step can be 8-34x slower (benchmarks/RESULTS.md, "
+                    "section 4); runtime.threads: 1 avoids that, but results then differ bit-wise from a "
+                    "%d-thread run (CPU reductions split by thread)", load, ncores, n, n)
     _current = RuntimeInfo(dev, n, s.precision, s.deterministic, load, ncores)
     return _current
 
