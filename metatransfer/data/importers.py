@@ -24,6 +24,17 @@ Conventions (decided here, relied on by `prepare`):
   dropped; palette/CMYK/YCbCr -> RGB; 16-bit grey scaled to 8 bits. Files PIL
   cannot identify, corrupt or truncated images, float images and files outside
   the layout are quarantined with a reason, never silently skipped.
+* Bounds (image files): an image whose header declares more than
+  MAX_IMAGE_PIXELS pixels, or a side below MIN_IMAGE_SIDE, is quarantined
+  before any pixel is decoded (a 13000x13000 RGB PNG of 1.6 MB would take
+  0.5 GB decoded, 2 GB as float); PIL's DecompressionBombWarning is an error
+  while `decode_files` runs.
+* Links: a symbolic link (file or folder) whose target lies outside the
+  dataset folder, or whose target is missing, is quarantined; a link to a
+  folder inside the tree is not followed (quarantined: its files are listed
+  where they really are). A csv row naming a file outside the dataset
+  folder (``../x.jpg``, an absolute path, a link leading out) is quarantined
+  the same way. Hard links are ordinary files (fetch makes them).
 * Image files (ImageFolder, the split folders of brain_tumor_mri /
   ham10000_mel_nv, the mini-ImageNet csv layout) are *not* decoded by the
   importer: it returns an `ImageFiles` batch (paths) with ``orig_*`` = 0, and
@@ -42,6 +53,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -429,8 +442,31 @@ def _magic_format(path: Path) -> str:
     return next((fmt for magic, fmt in _MAGIC if head.startswith(magic)), "")
 
 
+# Bounds on the images a folder may hold, checked from the file header before any pixel is decoded.
+# Every image is resized to prepare.image_size (16..224 px in practice), so 40 Mpx (a 7200x5500 photo;
+# 120 MB as uint8 RGB, 480 MB as float32 while converting) leaves room for most camera and scanner
+# images while bounding what one file can cost; PIL's own guard only warns up to 179 Mpx (a 1.6 MB PNG
+# can declare 13000x13000). Below 8 px a side (half the smallest prepare.image_size, 16) there is too
+# little left to resize into an image: a 1x1 file, a stray icon or tracking pixel.
+MAX_IMAGE_PIXELS = 40_000_000
+MIN_IMAGE_SIDE = 8
+
+
+def _check_bounds(width: int, height: int) -> None:
+    """Refuse an image whose declared size is outside [MIN_IMAGE_SIDE, MAX_IMAGE_PIXELS] (message = reason)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise _Rejected(f"too large: {width}x{height} = {width * height:,} pixels, over the limit of "
+                        f"{MAX_IMAGE_PIXELS:,} (MAX_IMAGE_PIXELS); not decoded. Downscale the file")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise _Rejected(f"too small: {width}x{height} pixels, a side below {MIN_IMAGE_SIDE} px (MIN_IMAGE_SIDE); "
+                        "not an image worth resizing (icon, placeholder or thumbnail?)")
+
+
 def decode_image(path: Path) -> tuple[np.ndarray, int]:
     """Decode one image file to uint8 (H, W, C) with C in {1, 3}.
+
+    The size the header declares is checked against MAX_IMAGE_PIXELS and
+    MIN_IMAGE_SIDE before decoding (PIL's ``Image.open`` reads only the header).
 
     Args:
         path: any PIL-readable image.
@@ -439,10 +475,11 @@ def decode_image(path: Path) -> tuple[np.ndarray, int]:
         (pixels, colour channels of the decoded image: 1 grey, 3 colour).
 
     Raises:
-        _Rejected: not an image, corrupt, truncated, too large or float pixels (message = reason).
+        _Rejected: not an image, corrupt, truncated, too large, too small or float pixels (message = reason).
     """
     try:
         with Image.open(path) as im:
+            _check_bounds(*im.size)
             im.load()  # full decode: truncation and corrupt data surface here, not later
             im = ImageOps.exif_transpose(im)
             mode = im.mode
@@ -463,8 +500,9 @@ def decode_image(path: Path) -> tuple[np.ndarray, int]:
         if fmt:  # an image's signature with undecodable content: damaged, not a stray file
             raise _Rejected(f"corrupt image: starts like a {fmt} file but PIL cannot decode it") from None
         raise _Rejected("not an image: PIL cannot identify the file format") from None
-    except Image.DecompressionBombError as exc:
-        raise _Rejected(f"too large: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's guard fired first
+        raise _Rejected(f"too large: {str(exc).rstrip('.')}; not decoded (the limit here is {MAX_IMAGE_PIXELS:,} "
+                        "pixels, MAX_IMAGE_PIXELS). Downscale the file") from None
     except Exception as exc:  # noqa: BLE001 (any decoder failure is a quarantine reason)
         msg = str(exc) or type(exc).__name__
         if "truncated" in msg.lower():
@@ -477,6 +515,59 @@ SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "vali
 LAYOUTS = ("auto", "class", "split/class", "domain/class")
 MANIFEST_NAME = "SHA256SUMS"
 CSV_SPLITS = ("train", "val", "test")
+
+
+def _is_real_dir(path: Path) -> bool:
+    """A folder that is not a symbolic link (links are judged by `list_tree`)."""
+    return path.is_dir() and not path.is_symlink()
+
+
+def _inside(path: Path, real_root: Path) -> bool:
+    """Whether `path`, all links resolved, lies in `real_root` (itself resolved)."""
+    return path.resolve().is_relative_to(real_root)
+
+
+def list_tree(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Every file of a dataset tree, and the entries the link policy refuses.
+
+    Folder links are not entered (no file is listed twice, no cycle is
+    followed). A link to a file inside the tree counts as a file; a link whose
+    target lies outside the tree or is missing, and a link to a folder, are
+    refused with a reason.
+
+    Args:
+        root: the tree's root folder (may itself be a link: its target is the tree).
+
+    Returns:
+        (files, sorted; [(refused entry, reason)], sorted).
+    """
+    real_root = root.resolve()
+    files: list[Path] = []
+    refused: list[tuple[Path, str]] = []
+    def unreadable(exc: OSError) -> None:  # os.walk would skip it silently
+        refused.append((Path(exc.filename), f"cannot read the folder: {exc.strerror}"))
+
+    # followlinks=False: a linked folder is listed, not entered
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        here = Path(dirpath)
+        for name in dirnames + filenames:
+            path = here / name
+            if not path.is_symlink():
+                if name in filenames:
+                    files.append(path)
+                continue
+            target = path.resolve()
+            if not target.exists():
+                refused.append((path, f"broken link: its target {os.readlink(path)} does not exist"))
+            elif not target.is_relative_to(real_root):
+                refused.append((path, f"link leaves the dataset folder: it points to {target}, outside {real_root}; "
+                                      "copy the file into the folder (or hard-link it) instead"))
+            elif target.is_dir():
+                refused.append((path, f"link to a folder ({target.relative_to(real_root)}) inside the tree is not "
+                                      "followed: its files are read where they are"))
+            else:
+                files.append(path)
+    return sorted(files), sorted(refused)
 
 
 def detect_layout(root: Path) -> str:
@@ -492,10 +583,10 @@ def detect_layout(root: Path) -> str:
     Returns:
         The layout name.
     """
-    tops = [p.name.lower() for p in root.iterdir() if p.is_dir()]
+    tops = [p.name.lower() for p in root.iterdir() if _is_real_dir(p)]
     if tops and all(t in SPLIT_FOLDER_NAMES for t in tops):
         return "split/class"
-    deep = any(len(p.relative_to(root).parts) == 3 for p in root.rglob("*") if p.is_file())
+    deep = any(len(p.relative_to(root).parts) == 3 for p in list_tree(root)[0])
     return "domain/class" if deep else "class"
 
 
@@ -504,8 +595,9 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
     """List an image-folder tree: ``class/img.*``, ``domain/class/img.*`` or ``split/class/img.*``.
 
     Nothing is decoded here (see `ImageFiles`, `materialise`, prepare's
-    chunked decoding). Files at the top of the tree and files nested deeper
-    or shallower than the layout are quarantined with a reason.
+    chunked decoding). Files at the top of the tree, files nested deeper
+    or shallower than the layout, and links the link policy refuses (see
+    `list_tree`) are quarantined with a reason.
 
     Args:
         root: the tree's root folder.
@@ -530,7 +622,7 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
                         "(or the mirror folder of a registered dataset).")
     if layout not in LAYOUTS:
         raise DataError(f"{root}: unknown layout {layout!r} for dataset {dataset!r}; expected one of {list(LAYOUTS)}.")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files, refused = list_tree(root)
     depth = {p: len(p.relative_to(root).parts) for p in files}
     if layout == "auto":
         layout = detect_layout(root)
@@ -546,7 +638,7 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
     layout_depth = 2 if layout == "class" else 3
     splits: dict[str, str] = {}
     if layout == "split/class":
-        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        for d in sorted(p for p in root.iterdir() if _is_real_dir(p)):
             split = SPLIT_FOLDER_NAMES.get(d.name.lower())
             if split is None:
                 raise DataError(f"{root}: top-level folder {d.name!r} is not a split name; with layout split/class "
@@ -560,16 +652,17 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
                             f"found {sorted(splits)}.")
     # every folder at the class level is a class, even with no file in it
     if layout == "class":
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+        class_dirs = sorted(p for p in root.iterdir() if _is_real_dir(p))
     else:
-        class_dirs = sorted(c for d in root.iterdir() if d.is_dir() for c in d.iterdir() if c.is_dir())
+        class_dirs = sorted(c for d in root.iterdir() if _is_real_dir(d) for c in d.iterdir() if _is_real_dir(c))
 
     def class_of(rel_parts: tuple[str, ...]) -> str:
         if layout == "split/class":
             return f"{dataset}/{rel_parts[1]}"
         return f"{dataset}/{'/'.join(rel_parts[:layout_depth - 1])}"
 
-    quarantine: list[QuarantineRow] = []
+    quarantine = [QuarantineRow(dataset, p.relative_to(root).as_posix() if relative_paths else str(p), reason)
+                  for p, reason in refused]
     rows = _new_rows()
     paths: list[Path] = []
     for p in files:
@@ -617,7 +710,7 @@ def import_csv_split(root: Path, dataset: str, relative_paths: bool = True) -> I
 
     Returns:
         Imported (kind "csv_split") with one `ImageFiles` batch; origin = the csv's split.
-        Files in images/ that no csv lists are quarantined.
+        Files in images/ that no csv lists, and rows naming a file outside the folder, are quarantined.
 
     Raises:
         DataError: a csv is missing or has another header, an empty field, a file listed twice
@@ -629,6 +722,9 @@ def import_csv_split(root: Path, dataset: str, relative_paths: bool = True) -> I
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: folder not found; the csv layout is images/ + train.csv, val.csv, test.csv "
                         "(header filename,label).")
+    real_root = root.resolve()
+    refused: list[QuarantineRow] = []
+    refused_paths: set[Path] = set()
     seen: dict[str, tuple[str, int]] = {}
     class_split: dict[str, tuple[str, int]] = {}
     rows = _new_rows()
@@ -667,6 +763,13 @@ def import_csv_split(root: Path, dataset: str, relative_paths: bool = True) -> I
                     continue
                 class_split.setdefault(label, (split, line_no))
                 p = images_dir / fname
+                if not _inside(p, real_root):  # "../x.jpg", an absolute path, or a link leading out
+                    refused.append(QuarantineRow(
+                        dataset, f"images/{fname}" if relative_paths else str(p),
+                        f"{path.name} line {line_no}: the file lies outside the dataset folder (resolves to "
+                        f"{p.resolve()}, outside {real_root}); copy it into images/ and list it by its name"))
+                    refused_paths.add(p)
+                    continue
                 if not p.is_file():
                     missing.append(f"{path.name} line {line_no}: {p}")
                     continue
@@ -687,9 +790,10 @@ def import_csv_split(root: Path, dataset: str, relative_paths: bool = True) -> I
         raise DataError(f"{root}: {len(missing)} image(s) listed in the csvs are not in images/:\n  {shown}\n"
                         "Restore the files (fetch again from a complete copy) or remove their rows from the csvs.")
     listed = {p.name for p in paths}
-    quarantine = [QuarantineRow(dataset, f"images/{p.name}" if relative_paths else str(p),
-                                "not listed in train.csv, val.csv or test.csv")
-                  for p in sorted(images_dir.iterdir()) if p.is_file() and p.name not in listed]
+    quarantine = refused + [QuarantineRow(dataset, f"images/{p.name}" if relative_paths else str(p),
+                                          "not listed in train.csv, val.csv or test.csv")
+                            for p in sorted(images_dir.iterdir())
+                            if p.is_file() and p.name not in listed and p not in refused_paths]
     if not paths:
         raise DataError(f"{root}: the csvs list no image; expected rows 'filename,label'.")
     meta = _meta(rows)
@@ -714,12 +818,17 @@ def decode_files(paths: list[Path] | tuple[Path, ...], workers: int = 2
         except _Rejected as exc:
             return str(exc)
 
-    if workers <= 1 or len(paths) < 8:
-        return [one(p) for p in paths]
-    from concurrent.futures import ThreadPoolExecutor
+    # PIL only warns about a decompression bomb below twice its limit; make it an error. The filter is set
+    # here, around the pool, not per image: warning filters are process-wide, and entering
+    # catch_warnings from several threads at once can restore the wrong list.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if workers <= 1 or len(paths) < 8:
+            return [one(p) for p in paths]
+        from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, paths, chunksize=16))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one, paths, chunksize=16))
 
 
 def materialise(data: Imported) -> Imported:
