@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -112,7 +113,9 @@ def get_json(url: str, body: dict | None = None) -> Any:
 def test_html_report_renders(dvc_project: Path, tmp_path: Path, chromium: str) -> None:
     # The report is built in a copy: the session's dvc_project stays untouched.
     proj = copy_project(dvc_project, tmp_path / "proj", ("data", "mlartifacts", "mlflow.db", "mlflow.db-wal", "mlflow.db-shm"))
-    page = build_report(proj, load_params(proj / "params.yaml"))
+    (proj / "data").symlink_to(dvc_project / "data")  # read only: the per-class counts come from the prepared store
+    params = load_params(proj / "params.yaml")
+    page = build_report(proj, params)
     dom, png = browse(chromium, page.as_uri(), tmp_path, "report")
     ev = json.loads((proj / "metrics" / "evaluate.json").read_text())
     set_name, by_method = next(iter(ev["episodes"].items()))
@@ -122,8 +125,17 @@ def test_html_report_renders(dvc_project: Path, tmp_path: Path, chromium: str) -
     shot, row = next(iter(by_shot.items()))
     number = fmt_acc_ci(row["acc_mean"], row["acc_ci95"])
     assert number in dom, f"{set_name}/{method}/{shot}-shot accuracy {number} missing from the page"
+    promotion = json.loads(p.read_text()) if (p := proj / "reports" / "promotion.json").is_file() else {}
     for target, t in ev["target_models"].items():
-        assert f'id="target-{target}"' in dom and f"{t['chosen']} (shipped)" in dom
+        # `dvc repro` does not promote: the chosen model is selected, shipped only once promoted
+        shipped = (promotion.get(target) or {}).get("decision") in ("promoted", "already_champion")
+        assert f'id="target-{target}"' in dom and f"{t['chosen']} ({'shipped' if shipped else 'selected'})" in dom
+        assert ("shipped" if shipped else "selected") in page_text(dom[dom.index(f'id="target-{target}"'):])[:200]
+        # the majority-class and chance references and the images per class and split of the prepared store
+        assert "majority class (always" in dom and f"chance (1/{len(t['class_names'])})" in dom
+        manifest = pd.read_parquet(proj / params.data.prepared_dir / target / "manifest.parquet", columns=["split"])
+        totals = "".join(f"<td>{n}</td>" for s in ("train", "val", "test") if (n := int((manifest["split"] == s).sum())))
+        assert f'<tr class="total"><td>all classes</td>{totals}</tr>' in dom
     assert "No promotion decision yet" in dom or "From reports/promotion.json" in dom
     assert dom.count("data:image/png;base64,") == len(list((proj / "plots").rglob("*.png"))) > 0
     assert_not_blank(png)

@@ -1,5 +1,6 @@
 """The HTML report: tables and numbers as formatted, escaping, self-containedness, run facts,
-inputs missing or broken; the UI launcher's commands and process handling."""
+inputs missing or broken, the badge and table of the promotion decision, majority-class and
+chance references, per-class counts; the UI launcher's commands and process handling."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import hashlib
 import io
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
-import time
+import tomllib
+from fnmatch import fnmatch
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -22,7 +26,8 @@ from PIL import Image
 from metatransfer import report
 from metatransfer.config import load_params
 from metatransfer.errors import DataError, MetatransferError
-from metatransfer.report import build_report, fmt_acc_ci, fmt_diff, fmt_pct
+from metatransfer.report import build_report, fmt_acc_ci, fmt_diff, fmt_pct, majority_reference, ui
+from metatransfer.report.sections import target_status
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,6 +123,13 @@ def test_formatting() -> None:
     assert fmt_diff(-0.01, 0.02) == "Δ -1.00 ± 2.00"
 
 
+def test_majority_reference() -> None:
+    # The blood-cell folder of issue 18: the largest class alone is right 207/351 of the time.
+    assert majority_reference([3, 20, 33, 88, 207]) == (4, 207 / 351)
+    assert majority_reference([5, 7, 7]) == (1, 7 / 19)  # ties: the first largest class in label order
+    assert majority_reference([]) is None and majority_reference([0, 0]) is None
+
+
 def test_report_tables_and_figures(tmp_path: Path) -> None:
     root = _project(tmp_path)
     page = _build(root)
@@ -128,9 +140,12 @@ def test_report_tables_and_figures(tmp_path: Path) -> None:
     assert '<span class="diff ns">Δ -1.00 ± 2.00</span>' in page
     assert '<td class="best" title="200 episodes"><span class="acc">33.33 ± 1.49</span>' in page
     assert "baselinepp (reference)" in page
-    assert "retinamnist/test, 5-way" in page  # caption from params.yaml's episode set
-    # Shipped model and why
-    assert "<tr class=\"shipped\"><td>protonet (shipped)</td><td>55.00</td><td>52.25 ± 4.90</td><td>31.00</td><td>–</td></tr>" in page
+    assert "retinamnist/test, 5-way (chance 20.00 %)" in page  # caption from params.yaml's episode set
+    # The chosen model and why; no promotion decision yet: selected, not shipped
+    assert "<tr class=\"chosen\"><td>protonet (selected)</td><td>55.00</td><td>52.25 ± 4.90</td><td>31.00</td><td>–</td></tr>" in page
+    assert '<span class="badge selected">selected</span>' in page
+    assert ">shipped<" not in page and "(shipped)" not in page
+    assert "not promoted: no promotion decision yet" in page
     assert "Why: highest target validation accuracy (protonet 0.5500, scratch 0.4500)" in page
     assert "<code>models:/m-target</code> registered as metatransfer-retinamnist v3" in page
     # Meta-training summary: seconds and the model URI from run_facts.json, the gate from the metrics
@@ -191,20 +206,141 @@ def test_run_facts_in_header(tmp_path: Path) -> None:
     assert "<dt>seed</dt><dd>0</dd>" in page
 
 
-def test_promotion_rendered_and_escaped(tmp_path: Path) -> None:
+GATE_REASON = "mean gain +0.0300 >= margin 0.0100 and paired 95 % CI [+0.0110, +0.0490] excludes 0"
+GATE_REASON_HTML = GATE_REASON.replace(">", "&gt;")
+
+
+def _decision(decision: str = "promoted", challenger: str = "3", reason: str = GATE_REASON, **extra: object) -> dict:
+    """One target's record as registry.promote writes it to reports/promotion.json."""
+    return {"target": "retinamnist", "name": "metatransfer-retinamnist", "decision": decision, "reason": reason,
+            "challenger": challenger, "champion_before": None,
+            "champion_after": challenger if decision == "promoted" else None, "reference": "baseline scratch",
+            "gain_mean": 0.03, "gain_ci_low": 0.011, "gain_ci_high": 0.049, "run_id": "r9", "confidence": 0.95,
+            "margin": 0.01, "n_episodes": 200, "time": "2025-01-01T00:00:00Z", **extra}
+
+
+def _promotion_section(page: str) -> str:
+    return page[page.index('id="promotion"'):page.index('id="figures"')]
+
+
+def test_promotion_rendered_as_a_table(tmp_path: Path) -> None:
     root = _project(tmp_path)
+    (root / "reports" / "promotion.json").write_text(json.dumps({"retinamnist": _decision()}))
+    page = _build(root)
+    section = _promotion_section(page)
+    assert "No promotion decision yet" not in page and "From reports/promotion.json" in section
+    assert ("<tr><th>target</th><th>challenger</th><th>baseline</th><th>gain ± CI (points)</th><th>decision</th>"
+            "<th>reason</th><th>champion now</th></tr>") in section
+    assert ('<tr><td>retinamnist</td><td>v3</td><td>baseline scratch</td>'
+            '<td title="95 % CI of the gain: [+1.10, +4.90] points">Δ +3.00 ± 1.90</td><td class="good">promoted</td>'
+            f'<td class="text">{GATE_REASON_HTML}</td><td>v3</td></tr>') in section
+    assert "<pre>" not in section and "{" not in section and "&#34;" not in section  # no JSON dump
+    # promoted: the badge and the row say shipped
+    assert '<span class="badge shipped">shipped</span>' in page
+    assert '<tr class="chosen"><td>protonet (shipped)</td>' in page
+    assert f"Promoted: champion v3. {GATE_REASON_HTML}" in page
+
+
+def test_rejected_promotion_is_not_shipped(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    reason = "mean gain +0.0012 is below the margin 0.0100 (paired 95 % CI [-0.0100, +0.0124])"
+    (root / "reports" / "promotion.json").write_text(json.dumps({"retinamnist": _decision("rejected", reason=reason)}))
+    page = _build(root)
+    assert '<span class="badge rejected">rejected</span>' in page
+    assert ">shipped<" not in page and "(shipped)" not in page and 'class="badge shipped"' not in page
+    assert (f'<p class="status rejected">Promotion rejected: {reason}. There is no champion: nothing is served '
+            "for this target.</p>") in page
+    assert f'<td class="refused">rejected</td><td class="text">{reason}</td><td>none</td>' in _promotion_section(page)
+    assert '<tr class="chosen"><td>protonet (selected)</td>' in page
+
+
+@pytest.mark.parametrize(("record", "facts", "state", "badge", "says"), [
+    (None, {}, "selected", "selected", "no promotion decision yet"),
+    ({"decision": "already_champion", "challenger": "3", "champion_after": "3", "reason": "x"}, {}, "shipped",
+     "shipped", "champion v3"),
+    ({"decision": "rejected", "challenger": "3", "champion_before": "2", "reason": "CI includes 0"}, {}, "rejected",
+     "rejected", "Promotion rejected: CI includes 0. The champion stays v2."),
+    ({"decision": "rolled_back", "champion_before": "3", "champion_after": "2"}, {}, "rolled-back", "rolled back",
+     "from v3 to v2"),
+    ({"decision": "no_challenger", "reason": "no version with alias 'challenger'"}, {}, "selected", "selected",
+     "Not promoted (no_challenger)"),
+    # the decision is about an older version than the one this finetune run registered: not this model's
+    ({"decision": "promoted", "challenger": "2", "champion_after": "2"},
+     {"registered": {"model": {"name": "m", "version": "3"}}}, "selected", "selected", "concerns v2"),
+    # refused by the quality gate: never registered, never shipped, whatever an older record says
+    ({"decision": "promoted", "challenger": "2"}, {"refused": "below chance"}, "rejected", "refused", ""),
+])
+def test_badge_follows_the_decision(record: dict | None, facts: dict, state: str, badge: str, says: str) -> None:
+    status = target_status(record, facts)
+    assert (status["state"], status["badge"]) == (state, badge)
+    assert says in status["text"]
+
+
+def test_unreadable_promotion_record(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    (root / "reports" / "promotion.json").write_text(json.dumps(["promoted"]))
+    page = _build(root)
+    assert "holds no decision this page can read" in _promotion_section(page)
+    assert '<span class="badge selected">selected</span>' in page
+
+
+def _manifest(root: Path, counts: dict[str, list[int]], names: list[str]) -> None:
+    """A prepared store's manifest for retinamnist with `counts[split][label]` images."""
+    rows = [{"class": names[label], "label": label, "split": split}
+            for split, per_class in counts.items() for label, n in enumerate(per_class) for _ in range(n)]
+    folder = root / "data" / "prepared" / "retinamnist"
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(folder / "manifest.parquet")
+
+
+def test_majority_and_chance_references_and_class_counts(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    names = [f"retinamnist/{c}" for c in ("basophil", "eosinophil", "monocyte", "lymphocyte", "neutrophil")]
+    _manifest(root, {"train": [5, 10, 15, 20, 25], "val": [1, 2, 3, 4, 5], "test": [3, 20, 33, 88, 207]}, names)
+    page = _build(root)
+    card = page[page.index('id="target-retinamnist"'):page.index('id="evaluation"')]
+    # always answering the largest test class (neutrophil, 207 of 351): 58.97 %; chance 1/5
+    assert ('<tr class="reference"><td>majority class (always “neutrophil”)</td><td>–</td><td>58.97</td>'
+            "<td>20.00</td><td>–</td></tr>") in card
+    assert '<tr class="reference"><td>chance (1/5)</td><td>20.00</td><td>20.00</td><td>20.00</td><td>–</td></tr>' in card
+    assert "References on the test split (351 images)" in card and "scores <b>58.97 %</b>" in card
+    # images per class and split, from the prepared manifest
+    counts = card[card.index('id="counts-retinamnist"'):]
+    assert "<tr><th>class</th><th>train</th><th>val</th><th>test</th></tr>" in counts
+    assert '<tr><td title="retinamnist/basophil">basophil</td><td>5</td><td>1</td><td>3</td></tr>' in counts
+    assert '<tr class="total"><td>all classes</td><td>75</td><td>15</td><td>351</td></tr>' in counts
+    params = load_params(root / "params.yaml")
+    assert f"trains on at most {params.finetune.shots_per_class} train" in counts
+
+
+def test_class_names_are_escaped_everywhere(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    evil = "retinamnist/<script>alert('x')</script> \"q\" & more"
+    names = ["retinamnist/0", evil]
+    _manifest(root, {"train": [2, 3], "val": [1, 1], "test": [4, 2]}, names)
     sel = root / "models" / "target" / "retinamnist" / "selection.json"
     data = json.loads(sel.read_text())
     data["reason"] = "<script>alert('x')</script> & more"
     sel.write_text(json.dumps(data))
-    (root / "reports" / "promotion.json").write_text(json.dumps(
-        {"decision": "promote", "model": "retinamnist", "checks": {"test_acc_gain": 0.03}}))
+    (root / "reports" / "promotion.json").write_text(json.dumps({"retinamnist": _decision("rejected", reason=evil)}))
     page = _build(root)
-    assert "No promotion decision yet" not in page
-    assert "<tr><th>decision</th><td style='text-align:left'>promote</td></tr>" in page
-    assert "&quot;test_acc_gain&quot;: 0.03" in page
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more" in page
-    assert "<script>" not in page
+    parser = _Refs()
+    parser.feed(page)
+    assert "script" not in parser.tags and "<script>" not in page
+    short = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &#34;q&#34; &amp; more"
+    assert f'<tr><td title="retinamnist/{short}">{short}</td><td>3</td><td>1</td><td>2</td></tr>' in page  # counts
+    assert f'<td class="text">retinamnist/{short}</td>' in _promotion_section(page)
+    assert "Why: &lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; more" in page
+
+
+def test_templates_are_package_data() -> None:
+    # A non-editable install ships only the files pyproject.toml names: every template must match.
+    config = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["metatransfer.report"]
+    package = PROJECT_ROOT / "metatransfer" / "report"
+    files = [p.relative_to(package).as_posix() for p in (package / "templates").iterdir()]
+    assert "templates/report.html.j2" in files
+    assert all(any(fnmatch(f, pattern) for pattern in patterns) for f in files), (files, patterns)
 
 
 def test_missing_inputs_say_what_to_run(tmp_path: Path) -> None:
@@ -234,22 +370,30 @@ def test_main_writes_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert not list((root / "reports").glob(".index.html.*"))  # temp file renamed away
 
 
+def test_python_m_entry(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "metatransfer.report", "--params", str(root / "params.yaml")],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(root / "reports" / "index.html")
+
+
 def test_ui_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    argv, health, url = report.ui_command("mlflow", tmp_path, 5123)
+    argv, health, url = ui.ui_command("mlflow", tmp_path, 5123)
     assert argv[1:4] == ["-m", "mlflow", "server"]
     assert argv[argv.index("--backend-store-uri") + 1].startswith(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     assert argv[argv.index("--workers") + 1] == "1" and argv[argv.index("--host") + 1] == "127.0.0.1"
     assert (health, url) == ("http://127.0.0.1:5123/health", "http://127.0.0.1:5123/")
-    argv, health, _ = report.ui_command("prefect", tmp_path, 4321)
+    argv, health, _ = ui.ui_command("prefect", tmp_path, 4321)
     assert argv[1:] == ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", "4321"]
     assert health == "http://127.0.0.1:4321/api/health"
     with pytest.raises(ValueError, match="ui kind must be one of"):
-        report.ui_command("tensorboard", tmp_path, 1)
-    env = report.ui_environment(tmp_path)
+        ui.ui_command("tensorboard", tmp_path, 1)
+    env = ui.ui_environment(tmp_path)
     assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false" and env["DO_NOT_TRACK"] == "true"
     monkeypatch.setenv("PREFECT_API_URL", "http://elsewhere:4200/api")
-    env = report.ui_environment(tmp_path, "prefect", 4321)
+    env = ui.ui_environment(tmp_path, "prefect", 4321)
     assert "PREFECT_API_URL" not in env  # the UI must call the server we start, not another one
     assert env["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api" and env["PREFECT_SERVER_API_PORT"] == "4321"
 
@@ -257,12 +401,12 @@ def test_ui_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_open_ui_uses_running_servers_and_builds_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000/")
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
-    ml = report.open_ui("mlflow", root=tmp_path)
-    pf = report.open_ui("prefect", root=tmp_path)
+    ml = ui.open_ui("mlflow", root=tmp_path)
+    pf = ui.open_ui("prefect", root=tmp_path)
     assert (ml.url, ml.process) == ("http://tracking.example:5000/", None)
     assert (pf.url, pf.process) == ("http://127.0.0.1:4200/", None)
     root = _project(tmp_path / "p")
-    rep = report.open_ui("report", root=root)
+    rep = ui.open_ui("report", root=root)
     assert rep.url == (root / "reports" / "index.html").resolve().as_uri()
     assert (root / "reports" / "index.html").is_file()
 
@@ -281,32 +425,36 @@ def _live_in_group(pgid: int) -> list[int]:
 
 
 def test_stop_kills_the_process_group() -> None:
-    proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60"], start_new_session=True)
-    deadline = time.monotonic() + 5
-    while len(_live_in_group(proc.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(_live_in_group(proc.pid)) >= 2  # sh (or the exec-ed sleep) and the background sleep
-    report.UiServer("mlflow", "http://127.0.0.1:1/", proc).stop()
-    assert proc.returncode == -signal.SIGTERM
-    deadline = time.monotonic() + 5
-    while _live_in_group(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _live_in_group(proc.pid) == []  # the background child went with its group
+    # sh prints its background child's pid once it has started it: no sleeping on a guess.
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    child = int(proc.stdout.readline())
+    exited = os.pidfd_open(child)  # readable once the child has exited (it is not ours to reap)
+    try:
+        assert sorted(_live_in_group(proc.pid)) == sorted({proc.pid, child})
+        ui.UiServer("mlflow", "http://127.0.0.1:1/", proc).stop()
+        assert proc.returncode == -signal.SIGTERM
+        # the background child went with its group (the timeout only bounds a failing run)
+        assert select.select([exited], [], [], 60)[0] == [exited]
+        assert _live_in_group(proc.pid) == []
+    finally:
+        os.close(exited)
+        proc.stdout.close()
 
 
 def test_wait_healthy_reports_a_dead_server() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     proc.wait()
     with pytest.raises(MetatransferError, match="exited with code 3 before it was healthy"):
-        report.wait_healthy(f"http://127.0.0.1:{report.free_port()}/health", 5, proc)
+        ui.wait_healthy(f"http://127.0.0.1:{ui.free_port()}/health", 5, proc)
     with pytest.raises(MetatransferError, match="did not answer within 1 s"):
-        report.wait_healthy(f"http://127.0.0.1:{report.free_port()}/health", 1)
+        ui.wait_healthy(f"http://127.0.0.1:{ui.free_port()}/health", 1)
 
 
 def test_run_ui_prints_report_url(tmp_path: Path) -> None:
     root = _project(tmp_path)
     lines: list[str] = []
-    assert report.run_ui("report", root=root, echo=lines.append) == 0
+    assert ui.run_ui("report", root=root, echo=lines.append) == 0
     assert lines == [f"report: {(root / 'reports' / 'index.html').resolve().as_uri()}"]
 
 
@@ -325,17 +473,23 @@ def test_target_cards_name_the_classes(tmp_path: Path) -> None:
     assert 'Classes (4, label order): <span class="cls" title="retinamnist/0">0</span>' in card and short in card
     # per-class recall: one row per class, named without the dataset prefix, one column per method
     recall = card[card.index('id="recall-retinamnist"'):card.index('id="confusion-retinamnist"')]
-    assert '<th class="shipped">protonet (shipped)</th><th>scratch</th>' in recall
+    assert '<th class="chosen">protonet (selected)</th><th>scratch</th>' in recall
     assert ('<tr><td title="retinamnist/normal, benign &lt;b&gt;">normal, benign &lt;b&gt;</td><td>4</td>'
-            '<td class="shipped">75.0</td><td class="low">20.0</td></tr>') in recall
+            '<td class="chosen">75.0</td><td class="low">20.0</td></tr>') in recall
     assert '<td>33.3</td>' in recall  # above chance (1/4): not marked
     # the shipped model's confusion matrix with class names on both axes
     confusion = card[card.index('id="confusion-retinamnist"'):]
-    assert "Confusion matrix of protonet (shipped)" in confusion
+    assert "Confusion matrix of protonet (selected)" in confusion
     assert confusion.count(">normal, benign &lt;b&gt;</th>") == 2  # column header and row header
     assert '<tr><th title="retinamnist/1">1</th><td style="background: rgba(9, 105, 218, 0.07)">1</td>' in confusion
     # the methods table names each method's weakest class
     assert '<td title="retinamnist/2">2: 66.7</td>' in card and ">normal, benign &lt;b&gt;: 20.0</td>" in card
+    # without the prepared store: references and counts from evaluate.json's test counts (10 of 28 in class 0)
+    assert ('<tr class="reference"><td>majority class (always “0”)</td><td>–</td><td>35.71</td><td>25.00</td>'
+            "<td>–</td><td>–</td></tr>") in card
+    counts = card[card.index('id="counts-retinamnist"'):card.index('id="recall-retinamnist"')]
+    assert "<tr><th>class</th><th>test</th></tr>" in counts and "not in this folder" in counts
+    assert '<tr class="total"><td>all classes</td><td>28</td></tr>' in counts
 
 
 def test_target_card_takes_class_names_from_the_model_before_evaluate(tmp_path: Path) -> None:
