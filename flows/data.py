@@ -1,16 +1,23 @@
-"""The `data` flow: fetch, validate, prepare (the same code as `dvc repro prepare`)."""
+"""The `data` flow: check_params, fetch, validate, image_folders, prepare (the same code as `dvc repro prepare`).
+
+    python -m flows.data [--root DIR] [--force]
+"""
 
 from __future__ import annotations
 
+import sys
+
 from prefect import flow
 
+from flows import run_owned
 from tasks.data import validate
-from tasks.stages import fetch, prepare
+from tasks.stages import check_params, fetch, image_folders, prepare
+from tasks.workspace import claim_workspace, release_workspace
 
 
 @flow(name="data", log_prints=False)
 def data(root: str = ".", parent_run_id: str | None = None, force: bool = False) -> dict:
-    """Fetch raw files, verify checksums, write the prepared store.
+    """Check params, fetch raw files, verify checksums, write the prepared store.
 
     Args:
         root: the project root (holds dvc.yaml and params.yaml).
@@ -20,11 +27,18 @@ def data(root: str = ".", parent_run_id: str | None = None, force: bool = False)
     Returns:
         {"ran": stages DVC actually ran, "verified": files checked per dataset}.
     """
-    ran = fetch(root, parent_run_id, force)
-    verified = validate(root)
-    ran += prepare(root, parent_run_id, force)
-    return {"ran": ran, "verified": verified}
+    claim_workspace(root)  # re-entrant: inside `pipeline` this process holds it already
+    try:
+        # First: a params typo stops the flow before any stage (and DVC) removes an output.
+        ran = check_params(root, parent_run_id, force)
+        ran += fetch(root, parent_run_id, force)
+        verified = validate(root)
+        ran += image_folders(root, parent_run_id, force)
+        ran += prepare(root, parent_run_id, force)
+        return {"ran": ran, "verified": verified}
+    finally:
+        release_workspace(root)
 
 
 if __name__ == "__main__":
-    data()
+    sys.exit(run_owned(data, "python -m flows.data"))

@@ -5,17 +5,29 @@ so the flow and `dvc repro` run the same code and leave the same state; one
 MLflow parent run groups the stage runs of one pipeline run. `promote` (a
 registry action, not a DVC stage) gates each target's newly registered
 challenger against the champion (docs/registry.md).
+
+A run owns its workspace and its child processes (metatransfer/ownership.py):
+a second pipeline or `dvc repro` in the same project refuses while it runs,
+and killing it (even with SIGKILL) stops the stage process and the ephemeral
+Prefect server with it. Runs found RUNNING after such a kill are closed at the
+next start.
+
+    python -m flows.pipeline [--root DIR] [--force]
 """
 
 from __future__ import annotations
 
+import sys
+
 from prefect import flow
 
+from flows import run_owned
 from flows.data import data
 from tasks.recovery import recover_crashed_runs
 from tasks.registry import promote
 from tasks.stages import dvc_status, episodes, evaluate, finetune, meta_train, pretrain
-from tasks.tracking import begin_run, end_run
+from tasks.tracking import begin_run, end_run, reap_stale_runs
+from tasks.workspace import claim_workspace, release_workspace
 
 
 @flow(name="pipeline")
@@ -30,19 +42,24 @@ def pipeline(root: str = ".", force: bool = False) -> dict:
         {"ran": stages DVC ran, "mlflow_run_id": the parent run, "dvc_status": {} when clean,
          "promotion": the gate's decision per target}.
     """
-    recover_crashed_runs("pipeline")  # runs left "Running" by a killed process -> Crashed
-    run_id = begin_run(root)
-    status = "FAILED"
+    claim_workspace(root)  # refuses while another pipeline or `dvc repro` runs here
     try:
-        ran = data(root, run_id, force)["ran"]
-        for stage in (episodes, pretrain, meta_train, finetune, evaluate):
-            ran += stage(root, run_id, force)
-        promotion = promote(root, run_id)
-        status = "FINISHED"
+        recover_crashed_runs("pipeline")  # Prefect runs left "Running" by a killed process -> Crashed
+        reap_stale_runs(root)  # MLflow runs left RUNNING -> FAILED, registry changes they made undone
+        run_id = begin_run(root)
+        status = "FAILED"
+        try:
+            ran = data(root, run_id, force)["ran"]
+            for stage in (episodes, pretrain, meta_train, finetune, evaluate):
+                ran += stage(root, run_id, force)
+            promotion = promote(root, run_id)
+            status = "FINISHED"
+        finally:
+            end_run(run_id, root, status)
+        return {"ran": ran, "mlflow_run_id": run_id, "dvc_status": dvc_status(root), "promotion": promotion}
     finally:
-        end_run(run_id, root, status)
-    return {"ran": ran, "mlflow_run_id": run_id, "dvc_status": dvc_status(root), "promotion": promotion}
+        release_workspace(root)
 
 
 if __name__ == "__main__":
-    pipeline()
+    sys.exit(run_owned(pipeline, "python -m flows.pipeline"))

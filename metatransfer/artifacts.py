@@ -15,11 +15,18 @@ is interpreted), the config is plain JSON, and both are checked against
 checksums.json and, when the caller knows it, against the weights' SHA-256
 recorded in MLflow / metrics (`expected_sha256`). `pickle_files` finds pickles
 in a folder tree (used by the tests over every artifact the pipeline writes).
+
+Logged MLflow models hold data only: their MLmodel names an installed module
+of `metatransfer.serving` as the pyfunc loader. `check_model_code` refuses a
+model folder holding code that differs from the installed package, another
+loader, code paths or pickles; it runs before every load (`load_pyfunc_model`,
+the serving command, and the loaders themselves), so code planted in the
+artifact store never runs.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
 import shutil
@@ -30,7 +37,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from metatransfer.errors import MetatransferError
+from metatransfer.errors import MetatransferError, is_disk_full
+from metatransfer.io import sha256_file
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -40,14 +48,6 @@ CHECKSUMS = "checksums.json"
 class ArtifactError(MetatransferError):
     """A model artifact is missing, altered, or not in the safe format."""
 
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fsync_path(path: Path) -> None:
@@ -93,6 +93,11 @@ def save_state(state: dict[str, torch.Tensor], config: dict[str, Any], folder: s
         else:
             os.replace(tmp, folder)
         fsync_path(folder.parent)
+    except Exception as exc:
+        if is_disk_full(exc):
+            # safetensors and write() do not say which file: name the model folder.
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder)) from exc
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sums
@@ -234,36 +239,133 @@ def pickle_files(root: str | Path) -> list[Path]:
     return found
 
 
-def check_model_code(model_dir: str | Path) -> None:
-    """Refuse an MLflow model folder that could run foreign code when loaded.
+# The installed modules an MLflow model of this project may name as its pyfunc
+# `loader_module`. Both are plain modules of this package: MLflow imports them
+# from the installed package, never from the artifact.
+PYFUNC_LOADERS = ("metatransfer.serving.target_model", "metatransfer.serving.few_shot_model")
+# Files MLflow or Python could import or execute if a model folder were put on sys.path.
+_CODE_SUFFIXES = (".py", ".pyc", ".pyw", ".pyx", ".so", ".pth")
+_REREGISTER = ("Re-register the model with this version of metatransfer (`metatransfer run --stage finetune "
+               "--force` logs and registers it again).")
 
-    The project's pyfunc models are "models from code": MLflow executes the
-    Python file stored in the model folder when it loads it. This check, run
-    before `mlflow.pyfunc.load_model`, allows only Python files byte-identical
-    to this installed package's `metatransfer/serving/*.py` and no pickles, so
-    loading runs this package's code, never the artifact's.
+
+def check_model_code(model_dir: str | Path) -> None:
+    """Refuse an MLflow model folder that could run code other than this installed package's.
+
+    Run before every load of a logged model (the serving command, the registry's
+    predictions, and the pyfunc loaders themselves), so that code stored in the
+    artifact store never runs. A folder passes when:
+
+    - every code file in it is a `.py` byte-identical to the installed
+      `metatransfer/serving/<same name>.py` (the project's models hold none);
+    - MLmodel's `python_function` flavor names one of `PYFUNC_LOADERS` (installed
+      modules) and no `code` paths (MLflow would put them first on sys.path);
+    - no file is a pickle (by name or content).
 
     Args:
         model_dir: a local MLflow model folder (holds MLmodel).
 
     Raises:
-        ArtifactError: a Python file differs from (or is not one of) the
-            installed serving modules, or a pickle is present.
+        ArtifactError: one line naming the file, the expected and found value
+            (SHA-256 for code), and what to do.
     """
+    import yaml
+
     from metatransfer import serving
 
     model_dir = Path(model_dir)
-    installed = {p.name: sha256_file(p) for p in Path(serving.__file__).parent.glob("*.py")}
-    for path in sorted(model_dir.rglob("*.py")):
-        if installed.get(path.name) != sha256_file(path):
+    installed_dir = Path(serving.__file__).parent
+    for path in sorted(p for p in model_dir.rglob("*") if p.suffix.lower() in _CODE_SUFFIXES and not p.is_dir()):
+        source = installed_dir / path.name
+        found = sha256_file(path)
+        expected = sha256_file(source) if path.suffix == ".py" and source.is_file() else None
+        if found != expected:
+            wanted = (f"sha256 {expected} of the installed metatransfer.serving.{path.stem}" if expected else
+                      f"no such file: metatransfer.serving has no {path.name}")
             raise ArtifactError(
-                f"{path}: Python code in the model differs from the installed metatransfer.serving."
-                f"{path.stem}; refusing to load it (loading would run the artifact's code). Re-log the "
-                "model with this version of the package."
+                f"{path}: code in the model differs from the installed package (expected {wanted}, found sha256 "
+                f"{found}); refusing to load the model, as loading could run this file. {_REREGISTER}"
             )
+    mlmodel = model_dir / "MLmodel"
+    try:
+        meta = yaml.safe_load(mlmodel.read_text()) if mlmodel.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{mlmodel}: not a readable MLmodel file ({type(exc).__name__}); {_REREGISTER}") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{model_dir}: no MLmodel file (found {sorted(p.name for p in model_dir.iterdir())[:10]}); "
+                            f"not an MLflow model folder. {_REREGISTER}")
+    conf = (meta.get("flavors") or {}).get("python_function") or {}
+    loader = conf.get("loader_module")
+    if loader not in PYFUNC_LOADERS:
+        raise ArtifactError(
+            f"{mlmodel}: python_function loader_module is {loader!r}, expected one of {list(PYFUNC_LOADERS)}; "
+            "a model with another loader runs code stored in the artifact (logged by an older metatransfer, or "
+            f"altered). Refusing to load it. {_REREGISTER}"
+        )
+    if conf.get("code"):
+        raise ArtifactError(
+            f"{mlmodel}: python_function lists code paths {conf.get('code')!r}, expected none (MLflow would import "
+            f"them before the installed package). Refusing to load it. {_REREGISTER}"
+        )
     pickles = pickle_files(model_dir)
     if pickles:
-        raise ArtifactError(f"{model_dir}: holds pickled files {[str(p) for p in pickles]}; refusing to load it.")
+        raise ArtifactError(f"{model_dir}: holds pickled files {[str(p) for p in pickles][:5]}, expected none; "
+                            f"refusing to load it (unpickling runs code). {_REREGISTER}")
+
+
+def check_model_folder(data_path: str | Path) -> None:
+    """`check_model_code` on the MLflow model folder that holds `data_path` (the pyfunc loaders' guard).
+
+    MLflow calls a loader with the model's `data` folder (`<model>/data/<name>`);
+    the model folder is the nearest parent holding MLmodel.
+
+    Raises:
+        ArtifactError: no MLmodel above `data_path`, or `check_model_code` refuses.
+    """
+    data_path = Path(data_path).resolve()
+    for folder in [data_path, *data_path.parents][:4]:
+        if (folder / "MLmodel").is_file():
+            check_model_code(folder)
+            return
+    raise ArtifactError(f"{data_path}: not inside an MLflow model folder (no MLmodel above it); load the model "
+                        "with mlflow.pyfunc.load_model(<model URI>).")
+
+
+def load_pyfunc_model(model_uri: str, dst_path: str | Path):  # -> mlflow.pyfunc.PyFuncModel
+    """Download a logged/registered model to `dst_path`, check its code, then load it as pyfunc.
+
+    The check runs on the downloaded copy, the copy that is loaded, so nothing
+    changed in the store between check and load can run.
+
+    Args:
+        model_uri: `models:/NAME@ALIAS`, `models:/<model id>`, `runs:/...` or a local folder.
+        dst_path: an existing folder to download into.
+
+    Raises:
+        ArtifactError: `check_model_code` refuses the model.
+    """
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst_path)))
+    try:
+        check_model_code(local)
+    except ArtifactError as exc:
+        # Name the file where it lies in the store, not in the private download.
+        raise ArtifactError(str(exc).replace(str(local), _store_location(model_uri))) from None
+    return mlflow.pyfunc.load_model(str(local))
+
+
+def _store_location(model_uri: str) -> str:
+    """Where a model's files lie in the artifact store (a path for a local store), else the URI itself."""
+    location = model_uri
+    if model_uri.startswith("models:/"):
+        try:
+            from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+            location = ModelsArtifactRepository.get_underlying_uri(model_uri)
+        except Exception:  # noqa: BLE001 - only for a message; the URI is still meaningful
+            return model_uri
+    return location.removeprefix("file://").rstrip("/")
 
 
 def save_learner(learner: torch.nn.Module, folder: str | Path, extra: dict[str, Any] | None = None) -> dict[str, str]:

@@ -6,7 +6,7 @@
     metatransfer promote  [--target T ...] [--margin M] [--confidence C] [--n-episodes N] [--baseline METHOD]
     metatransfer rollback --target T
     metatransfer status   [--target T ...] [--json]
-    metatransfer serve    --target T [--model target|learner] [--alias champion] [--port 5001]
+    metatransfer serve    --target T [--model target|learner] [--alias champion] [--port 5001] [--max-body-mb MB]
 
 Every command works on the project in `--root` (default: the current
 folder: params.yaml, data/prepared, models/target and the MLflow store
@@ -21,13 +21,12 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from metatransfer.errors import MetatransferError
+from metatransfer.errors import MetatransferError, environment_error
 
 EXIT_OK, EXIT_USER, EXIT_USAGE = 0, 1, 2
 
@@ -95,17 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", action="append", help="target dataset (repeatable; default: finetune.targets)")
     s.add_argument("--json", action="store_true", help="print as JSON")
 
-    v = sub.add_parser("serve", help="serve models:/NAME@ALIAS with `mlflow models serve` on loopback",
-                       description="Run `mlflow models serve -m models:/NAME@ALIAS --env-manager local` with telemetry "
-                                   "off, this environment's bin folder first on PATH and the project's tracking store. "
-                                   "POST {\"inputs\": ...} to http://HOST:PORT/invocations.")
+    v = sub.add_parser("serve", help="serve models:/NAME@ALIAS over HTTP on loopback (MLflow's scoring protocol)",
+                       description="Serve the version behind models:/NAME@ALIAS with MLflow's scoring app: the model is "
+                                   "downloaded, its folder checked (no code but this installed package's can run) and "
+                                   "loaded; request bodies over --max-body-mb get 413. POST {\"inputs\": ...} to "
+                                   "http://HOST:PORT/invocations.")
     v.add_argument("--target", required=True, help="target dataset")
     v.add_argument("--model", choices=["target", "learner"], default="target",
                    help="target: images -> classes; learner: support + query -> query classes (default: target)")
     v.add_argument("--alias", default="champion", help="registry alias to serve (default: champion)")
     v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
     v.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
-    v.add_argument("--dry-run", action="store_true", help="print the command and environment, do not start")
+    v.add_argument("--max-body-mb", type=float,
+                   help="largest request body in MB (default: 128 images of the model's input shape as JSON, "
+                        "1-64 MB)")
+    v.add_argument("--dry-run", action="store_true", help="print what would be served, do not start")
     return parser
 
 
@@ -157,46 +160,33 @@ def cmd_status(args: argparse.Namespace, root: Path) -> int:
     return EXIT_OK
 
 
-def serve_command(root: Path, target: str, model: str, alias: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
-    """The `mlflow models serve` command line and environment for `models:/NAME@ALIAS`.
-
-    Returns:
-        (argv, env): env has telemetry off, this interpreter's bin folder first
-        on PATH (the server needs uvicorn from it) and the project's tracking URI.
-    """
-    from metatransfer import registry, tracking
-
-    name = registry.model_name(target) if model == "target" else registry.learner_name(target)
-    bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, **TOOL_ENV, "MLFLOW_TRACKING_URI": tracking.tracking_uri(root),
-           "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
-    mlflow_bin = shutil.which("mlflow", path=env["PATH"]) or "mlflow"
-    argv = [mlflow_bin, "models", "serve", "-m", f"models:/{name}@{alias}", "--env-manager", "local",
-            "--host", host, "--port", str(port)]
-    return argv, env
-
-
 def cmd_serve(args: argparse.Namespace, root: Path) -> int:
-    """`serve`: replace this process with `mlflow models serve` (signals reach the server directly)."""
-    from metatransfer import registry
+    """`serve`: check and load the registered version behind the alias, then serve it until Ctrl-C."""
+    import tempfile
+
+    from metatransfer import registry, tracking
+    from metatransfer.serving import server
 
     if not 0 < args.port < 65536:
         raise MetatransferError(f"--port: must be in 1..65535, found {args.port}")
-    argv, env = serve_command(root, args.target, args.model, args.alias, args.host, args.port)
+    if args.max_body_mb is not None and not 0 < args.max_body_mb <= 4096:
+        raise MetatransferError(f"--max-body-mb: must be in (0, 4096], found {args.max_body_mb}")
+    name = registry.model_name(args.target) if args.model == "target" else registry.learner_name(args.target)
+    uri = tracking.tracking_uri(root)
     if args.dry_run:
-        print(" ".join(argv))
-        print(f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']}")
+        print(f"serve models:/{name}@{args.alias} on http://{args.host}:{args.port}")
+        print(f"MLFLOW_TRACKING_URI={uri}")
         return EXIT_OK
     # Fail here with a clear message rather than in the server's start-up log.
-    name = argv[4].removeprefix("models:/").split("@")[0]
-    if registry._alias_version(registry.client_for(root), name, args.alias) is None:
-        raise registry.RegistryError(f"{name}@{args.alias}: no such registered model version in "
-                                     f"{env['MLFLOW_TRACKING_URI']}; see `metatransfer status`")
-    logging.getLogger("metatransfer").info("serving models:/%s@%s on http://%s:%d", name, args.alias, args.host, args.port)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, env)
-    return EXIT_OK  # not reached
+    version = registry._alias_version(registry.client_for(root), name, args.alias)
+    if version is None:
+        raise registry.RegistryError(f"{name}@{args.alias}: no such registered model version in {uri}; "
+                                     "see `metatransfer status`")
+    limit = int(args.max_body_mb * 1_000_000) if args.max_body_mb else None
+    logging.getLogger("metatransfer").info("models:/%s@%s is version %s", name, args.alias, version.version)
+    with tempfile.TemporaryDirectory(prefix="metatransfer-serve-") as tmp:
+        server.serve(f"models:/{name}/{version.version}", args.host, args.port, tmp, limit)
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace, root: Path) -> int:
@@ -209,8 +199,8 @@ def cmd_run(args: argparse.Namespace, root: Path) -> int:
         if args.stage:
             print("metatransfer run: --prefect runs every stage; drop --stage or use dvc", file=sys.stderr)
             return EXIT_USAGE
-        code = f"from flows.pipeline import pipeline; pipeline(root='.', force={bool(args.force)})"
-        cmd = [sys.executable, "-c", code]
+        # flows.pipeline's entry claims the workspace before Prefect starts (one-line refusal when busy)
+        cmd = [sys.executable, "-m", "flows.pipeline", *(["--force"] if args.force else [])]
     else:
         cmd = [sys.executable, "-m", "dvc", "repro", *(["--force"] if args.force else []), *(args.stage or [])]
     return EXIT_OK if subprocess.run(cmd, cwd=root, env=env).returncode == 0 else EXIT_USER
@@ -259,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args, root)
     except MetatransferError as exc:
         print(f"metatransfer {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USER
+    except Exception as exc:
+        # A full disk, refused credentials, an unreachable server: one line, not a traceback.
+        line = environment_error(exc)
+        if line is None:
+            raise
+        print(f"metatransfer {args.command}: {line}", file=sys.stderr)
         return EXIT_USER
 
 

@@ -9,6 +9,7 @@ dataclasses here only describe shape and types.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -344,6 +345,28 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+def finite_float(value: int | float, where: str) -> float:
+    """`value` as a float, refusing inf, nan and integers beyond float range.
+
+    YAML reads `.inf` and `.nan` as floats; no setting means anything by them,
+    and a range check such as `lr > 0` lets inf through.
+
+    Args:
+        value: a number (bools are refused by the caller).
+        where: the key path, for the message.
+
+    Raises:
+        ConfigError: naming the key and the value found.
+    """
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ConfigError(f"{where}: expected a finite number, found {value!r}")
+    return out
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against type `tp` and convert containers; raise ConfigError naming `where`."""
     origin = get_origin(tp)
@@ -383,7 +406,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, found {type(value).__name__} ({value!r})")
-        return float(value)
+        return finite_float(value, where)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, found {type(value).__name__} ({value!r})")

@@ -23,6 +23,15 @@ the previous entry. Promotion and rollback are registry actions, not DVC
 outputs: they run after `dvc repro`, from the CLI or from the Prefect flow;
 the latest decision per target is also written to reports/promotion.json
 (shown by the HTML report).
+
+Every alias move and champion-history edit is journaled on the MLflow run
+that makes it, with the value before, just before it is made (`move_alias`,
+`set_model_tag`; tag `registry_changes`). `finetune` moves `challenger` only
+as the last step of its run, `promote` and `rollback` move `champion` inside
+theirs; a run that fails, or is found RUNNING after its process was killed
+(`metatransfer.tracking.reap_stale_runs`), has its changes undone
+(`revert_changes`). So an alias never rests on a version whose run did not
+finish.
 """
 
 from __future__ import annotations
@@ -255,24 +264,102 @@ def champion_history(client: Any, name: str) -> list[str]:
 
 
 def _set_history(client: Any, name: str, history: list[str]) -> None:
-    client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
+    set_model_tag(client, name, HISTORY_TAG, ",".join(history))
+
+
+# --------------------------------------------------------------------------- journaled changes
+def _alias_target(client: Any, name: str, alias: str) -> str | None:
+    mv = _alias_version(client, name, alias)
+    return str(mv.version) if mv is not None else None
+
+
+def _model_tag(client: Any, name: str, key: str) -> str | None:
+    return (client.get_registered_model(name).tags or {}).get(key) if _model_exists(client, name) else None
+
+
+def move_alias(client: Any, name: str, alias: str, version: str | None) -> None:
+    """Point `name@alias` at `version` (None: remove the alias), journaled on the active run first."""
+    from metatransfer import tracking
+
+    before = _alias_target(client, name, alias)
+    tracking.record_registry_change({"name": name, "alias": alias, "from": before,
+                                     "to": None if version is None else str(version)})
+    if version is None:
+        client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, str(version))
+
+
+def set_model_tag(client: Any, name: str, key: str, value: str) -> None:
+    """Set a registered-model tag, journaled on the active run first."""
+    from metatransfer import tracking
+
+    tracking.record_registry_change({"name": name, "tag": key, "from": _model_tag(client, name, key), "to": value})
+    client.set_registered_model_tag(name, key, value)
+
+
+def revert_changes(client: Any, changes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Undo journaled registry changes, newest first.
+
+    A change is undone only where the alias or tag still holds the value the run
+    set: a later change by someone else is never overwritten.
+
+    Returns:
+        The changes undone.
+    """
+    from mlflow.exceptions import MlflowException
+
+    undone = []
+    for change in reversed(changes):
+        name, before, after = change.get("name"), change.get("from"), change.get("to")
+        try:
+            if "alias" in change:
+                alias = change["alias"]
+                if _alias_target(client, name, alias) != after:
+                    continue
+                if before is None:
+                    client.delete_registered_model_alias(name, alias)
+                else:
+                    client.set_registered_model_alias(name, alias, before)
+            elif "tag" in change:
+                if _model_tag(client, name, change["tag"]) != after:
+                    continue
+                if before is None:
+                    client.delete_registered_model_tag(name, change["tag"])
+                else:
+                    client.set_registered_model_tag(name, change["tag"], before)
+            else:
+                continue
+        except MlflowException as exc:  # e.g. the earlier version was deleted since
+            log.warning("%s: could not undo %s: %s", name, change, exc)
+            continue
+        log.warning("%s: undid %s %s -> %s (its run did not finish)", name,
+                    f"alias {change['alias']!r}" if "alias" in change else f"tag {change['tag']!r}", before, after)
+        undone.append(change)
+    return undone
 
 
 def register_version(client: Any, model_uri: str, name: str, tags: dict[str, str], description: str,
                      alias: str | None = CHALLENGER) -> str:
     """Register `model_uri` as a new version of `name` with tags, description and an alias.
 
+    Inside a stage run the alias moves only as the run's last step
+    (`tracking.at_run_end`): a run killed or failing before that leaves the alias
+    where it was.
+
     Returns:
         The new version number (as a string).
     """
     import mlflow
+
+    from metatransfer import tracking
 
     if not _model_exists(client, name):
         client.create_registered_model(name, description=f"{name}: see docs/registry.md (aliases champion / challenger)")
     mv = mlflow.register_model(model_uri, name, tags={k: str(v)[:5000] for k, v in tags.items()})
     client.update_model_version(name, mv.version, description=description)
     if alias:
-        client.set_registered_model_alias(name, alias, mv.version)
+        tracking.at_run_end(lambda: move_alias(client, name, alias, str(mv.version)))
     return str(mv.version)
 
 
@@ -413,12 +500,13 @@ def log_learner_for(method: str, params: Any, root: str | Path, target: str) -> 
 # --------------------------------------------------------------------------- predictions
 def predict_uri(model_uri: str, images: np.ndarray) -> np.ndarray:
     """Class predictions of a registered/logged pyfunc target model (what serving answers)."""
-    import mlflow
+    from metatransfer.artifacts import load_pyfunc_model
 
     # A private copy: loading a registered model straight from a local store
-    # writes a metadata file into the store's artifact folder.
+    # writes a metadata file into the store's artifact folder. The copy's code is
+    # checked before it is loaded (artifacts.check_model_code).
     with tempfile.TemporaryDirectory(prefix="metatransfer-gate-") as tmp:
-        out = mlflow.pyfunc.load_model(model_uri, dst_path=tmp).predict(images)
+        out = load_pyfunc_model(model_uri, tmp).predict(images)
     return np.asarray(out["prediction"], dtype=np.int64)
 
 
@@ -616,9 +704,9 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
                               "promote/reference_acc": float(ref_acc.mean())})
         tracking.log_dict(evidence, f"promote/{target}.json")
         run_id = run.info.run_id
-    if verdict.promote:
-        _move_champion(client, target, cv, challenger.tags.get(LEARNER_TAG))
-        _set_history(client, name, [*champion_history(client, name), cv])
+        if verdict.promote:  # inside the run, journaled: a kill here is undone by the reaper
+            _move_champion(client, target, cv, challenger.tags.get(LEARNER_TAG))
+            _set_history(client, name, [*champion_history(client, name), cv])
     for key, value in {"gate_decision": decision, "gate_reference": reference, "gate_gain_mean": f"{verdict.gain.mean:.6f}",
                        "gate_ci_low": f"{verdict.gain.low:.6f}", "gate_ci_high": f"{verdict.gain.high:.6f}",
                        "gate_run_id": run_id}.items():
@@ -638,10 +726,10 @@ def _now() -> str:
 
 
 def _move_champion(client: Any, target: str, version: str, learner_version: str | None) -> None:
-    """Point `champion` at `version` (and the learner registered with it, if any)."""
-    client.set_registered_model_alias(model_name(target), CHAMPION, version)
+    """Point `champion` at `version` (and the learner registered with it, if any); journaled."""
+    move_alias(client, model_name(target), CHAMPION, version)
     if learner_version and _model_exists(client, learner_name(target)):
-        client.set_registered_model_alias(learner_name(target), CHAMPION, learner_version)
+        move_alias(client, learner_name(target), CHAMPION, learner_version)
 
 
 def promote_targets(root: str | Path, targets: list[str] | None = None, settings: GateSettings | None = None,
@@ -723,15 +811,16 @@ def rollback(root: str | Path, target: str) -> RollbackResult:
             f"To withdraw it, delete the alias (MlflowClient().delete_registered_model_alias({name!r}, {CHAMPION!r}))")
     previous = history[-2]
     prev_mv = client.get_model_version(name, previous)
-    _move_champion(client, target, previous, prev_mv.tags.get(LEARNER_TAG))
-    _set_history(client, name, history[:-1])
-    client.set_model_version_tag(name, current, "rolled_back", "true")
-    chall = _alias_version(client, name, CHALLENGER)
-    if chall is not None and str(chall.version) == current:
-        client.delete_registered_model_alias(name, CHALLENGER)
+    # Inside the run, journaled: a rollback killed half-way is undone by the reaper.
     with tracking.stage_run("rollback", root) as run:
         mlflow.set_tags({"target": target, "model_name": name, "from_version": current, "to_version": previous})
         run_id = run.info.run_id
+        _move_champion(client, target, previous, prev_mv.tags.get(LEARNER_TAG))
+        _set_history(client, name, history[:-1])
+        chall = _alias_version(client, name, CHALLENGER)
+        if chall is not None and str(chall.version) == current:
+            move_alias(client, name, CHALLENGER, None)
+    client.set_model_version_tag(name, current, "rolled_back", "true")
     log.info("%s: champion rolled back from v%s to v%s", name, current, previous)
     result = RollbackResult(target, name, current, previous, history[:-1], run_id)
     record_decision(root, target, {"decision": "rolled_back", "name": name, "champion_before": current,

@@ -22,6 +22,16 @@ Several processes may log to one sqlite store at once (parallel stages,
 WAL needs a local file system (not NFS); for many users or machines put a
 tracking server (`mlflow server`, see docs/bad_input.md) or PostgreSQL in
 front of the store and set MLFLOW_TRACKING_URI.
+
+A process killed with SIGKILL never ends its runs: they would stay RUNNING
+forever. So every run carries its owner process (tags `owner.host`,
+`owner.pid`, `owner.started`), and `reap_stale_runs` (at every stage and
+pipeline start) marks FAILED each RUNNING run whose owner is gone from this
+host, after undoing the registry changes it journaled (tag
+`registry_changes`, see `record_registry_change` and
+`metatransfer.registry.revert_changes`). Registry changes of a stage run
+are deferred to its very end (`at_run_end`), and a run that fails undoes
+those it made: an alias never points at a version whose run did not finish.
 """
 
 from __future__ import annotations
@@ -29,10 +39,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +58,13 @@ PARENT_ENV = "METATRANSFER_PARENT_RUN_ID"
 # a loaded machine, and a slow metric write is better than a lost one.
 SQLITE_TIMEOUT_S = 120
 _prepared_stores: set[str] = set()
+OWNER_TAGS = ("owner.host", "owner.pid", "owner.started")  # the process that runs (ran) a run
+CHANGES_TAG = "registry_changes"  # JSON list of the registry changes a run made, oldest first
+REAPED_TAG = "reaped"
+# Actions deferred to the end of each open stage run (innermost last): see `at_run_end`.
+_run_end_actions: list[list[Callable[[], None]]] = []
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(root: str | Path = ".") -> str:
@@ -171,21 +189,47 @@ def standard_tags(root: str | Path = ".") -> dict[str, str]:
 def stage_run(stage: str, root: str | Path = ".", params: dict[str, Any] | None = None) -> Iterator[Any]:
     """Open the MLflow run of one stage (a child of $METATRANSFER_PARENT_RUN_ID if set).
 
-    Logs the flattened params, the standard tags and the runtime tags (device,
+    Logs the flattened params, the standard tags, the runtime tags (device,
     torch version, threads, CPU model, load average at start: see
-    `metatransfer.runtime.run_tags`); yields the active run.
+    `metatransfer.runtime.run_tags`) and the owner tags; yields the active run.
+    Runs left RUNNING by killed processes are reaped first (`reap_stale_runs`);
+    actions deferred with `at_run_end` run after the body succeeded; if the body
+    or one of them fails, the registry changes the run journaled are undone.
     """
     import mlflow
 
     from metatransfer import runtime
 
     configure(root)
+    reap_stale_runs(root, quiet=True)
     parent = os.environ.get(PARENT_ENV) or None
-    tags = {"stage": stage, **standard_tags(root), **runtime.run_tags()}
+    tags = {"stage": stage, **standard_tags(root), **runtime.run_tags(), **owner_tags()}
     with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None, tags=tags) as run:
         if params:
             log_params(params)
-        yield run
+        _run_end_actions.append([])
+        try:
+            yield run
+            for action in _run_end_actions[-1]:  # e.g. moving `challenger`: only once everything else is done
+                action()
+        except BaseException:
+            _undo_registry_changes(run.info.run_id)
+            raise
+        finally:
+            _run_end_actions.pop()
+
+
+def at_run_end(action: Callable[[], None]) -> None:
+    """Run `action` as the last step of the innermost open `stage_run`, only if its body succeeded.
+
+    For registry changes (moving an alias): the run then ends FINISHED right after,
+    so an alias never points at a version whose run is still going or failed. Outside
+    a stage run the action runs at once.
+    """
+    if _run_end_actions:
+        _run_end_actions[-1].append(action)
+    else:
+        action()
 
 
 @contextlib.contextmanager
@@ -193,8 +237,125 @@ def child_run(name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
     """A nested run under the active one (e.g. one per algorithm)."""
     import mlflow
 
-    with mlflow.start_run(run_name=name, nested=True, tags=tags or {}) as run:
+    with mlflow.start_run(run_name=name, nested=True, tags={**(tags or {}), **owner_tags()}) as run:
         yield run
+
+
+def owner_tags() -> dict[str, str]:
+    """The tags naming this process as a run's owner: host, pid, process start time."""
+    from metatransfer.ownership import identity
+
+    host, pid, started = identity()
+    return dict(zip(OWNER_TAGS, (host, str(pid), f"{started:.3f}")))
+
+
+def run_owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the owner process named by a run's tags still runs (None: another host's, or untagged)."""
+    from metatransfer.ownership import alive
+
+    try:
+        host, pid, started = (tags[k] for k in OWNER_TAGS)
+        return alive(host, int(pid), float(started))
+    except (KeyError, ValueError):
+        return None
+
+
+def record_registry_change(change: dict[str, Any]) -> None:
+    """Journal a registry change on the active run (tag `registry_changes`) before it is made.
+
+    Args:
+        change: {"name": registered model, "alias" or "tag": what changes, "from": the value
+            before (None: unset), "to": the new value (None: removed)}.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    changes = registry_changes(client.get_run(run.info.run_id).data.tags)
+    client.set_tag(run.info.run_id, CHANGES_TAG, json.dumps([*changes, change], sort_keys=True))
+
+
+def registry_changes(tags: dict[str, str]) -> list[dict[str, Any]]:
+    """The registry changes journaled in a run's tags, oldest first ([] when none)."""
+    try:
+        changes = json.loads(tags.get(CHANGES_TAG) or "[]")
+    except json.JSONDecodeError:
+        return []
+    return changes if isinstance(changes, list) else []
+
+
+def _undo_registry_changes(run_id: str) -> list[dict[str, Any]]:
+    """Undo what a failing run changed in the registry (best effort: the reaper retries nothing here)."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient()
+        changes = registry_changes(client.get_run(run_id).data.tags)
+        if not changes:
+            return []
+        from metatransfer.registry import revert_changes
+
+        return revert_changes(client, changes)
+    except Exception as exc:  # noqa: BLE001  (the run's own failure is the error to report)
+        log.warning("run %s failed and its registry changes could not be undone: %s", run_id, exc)
+        return []
+
+
+def reap_stale_runs(root: str | Path = ".", quiet: bool = False) -> list[str]:
+    """Mark FAILED every RUNNING run whose owner process is gone from this host.
+
+    First undoes the registry changes each such run journaled (an alias it moved
+    goes back where it was, unless someone moved it since). Runs of live
+    processes, of other hosts and runs without owner tags are left alone.
+
+    Args:
+        root: project root (the store).
+        quiet: log a store failure as a warning and return [] instead of raising
+            (at stage start: housekeeping must not stop a stage).
+
+    Returns:
+        The ids of the runs marked FAILED.
+    """
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    try:
+        exp_id = configure(root)
+        client = MlflowClient(tracking_uri(root))
+        stale, token = [], None
+        while True:
+            page = client.search_runs([exp_id], "attributes.status = 'RUNNING'", ViewType.ACTIVE_ONLY,
+                                      max_results=1000, page_token=token)
+            stale += [r for r in page if run_owner_alive(r.data.tags) is False]
+            token = page.token
+            if not token:
+                break
+        reaped = []
+        for run in stale:
+            tags = run.data.tags
+            changes = registry_changes(tags)
+            if changes:
+                from metatransfer.registry import revert_changes
+
+                revert_changes(client, changes)
+            client.set_tag(run.info.run_id, REAPED_TAG,
+                           f"owner pid {tags['owner.pid']} on {tags['owner.host']} is gone (killed or lost); "
+                           f"marked FAILED by pid {os.getpid()}")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            log.warning("MLflow run %s (%s) was left RUNNING by pid %s, which is gone: marked FAILED%s",
+                        run.info.run_name, run.info.run_id, tags["owner.pid"],
+                        f", {len(changes)} registry change(s) undone" if changes else "")
+            reaped.append(run.info.run_id)
+        return reaped
+    except Exception as exc:  # noqa: BLE001
+        if not quiet:
+            raise
+        log.warning("could not check %s for runs left RUNNING by killed processes: %s", tracking_uri(root), exc)
+        return []
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -306,7 +467,7 @@ def begin_pipeline_run(root: str | Path = ".", name: str = "pipeline", tags: dic
 
     exp_id = configure(root)
     client = MlflowClient(tracking_uri(root))
-    all_tags = {"mlflow.runName": name, "stage": "pipeline", **standard_tags(root), **(tags or {})}
+    all_tags = {"mlflow.runName": name, "stage": "pipeline", **standard_tags(root), **owner_tags(), **(tags or {})}
     return client.create_run(exp_id, tags=all_tags, run_name=name).info.run_id
 
 
@@ -379,7 +540,7 @@ def log_target_model(folder: str | Path, channels: int, size: int, n_classes: in
                        + [ColSpec("double", f"prob_{i}") for i in range(n_classes)]),
     )
     info = mlflow.pyfunc.log_model(
-        name=name, python_model=target_model.__file__, artifacts={"model": str(folder)},
+        name=name, loader_module=target_model.__name__, data_path=str(folder),  # data only, no code (artifacts.py)
         signature=signature, pip_requirements=_requirements(), registered_model_name=registered_model_name,
         metadata={"class_names": names, "class_labels": display_names(names)} if names else None,
     )
@@ -435,7 +596,7 @@ def log_few_shot_model(folder: str | Path, channels: int, size: int, name: str =
         outputs=Schema([ColSpec("long", "prediction")]),
     )
     info = mlflow.pyfunc.log_model(
-        name=name, python_model=few_shot_model.__file__, artifacts={"learner": str(folder)},
+        name=name, loader_module=few_shot_model.__name__, data_path=str(folder),  # data only, no code (artifacts.py)
         signature=signature, pip_requirements=_requirements(), registered_model_name=registered_model_name,
     )
     return info.model_uri

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import socket
 from typing import Any
 
-import psutil
 from prefect import task
+
+from metatransfer.ownership import alive, identity
 
 OWNER_PREFIX = "owner:"
 UNTAGGED_GRACE_S = 600.0
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 def owner_tag(pid: int | None = None) -> str:
     """`owner:<host>:<pid>:<process start time>` of this (or the given) process."""
-    proc = psutil.Process(pid)
-    return f"{OWNER_PREFIX}{socket.gethostname()}:{proc.pid}:{proc.create_time():.3f}"
+    host, pid, started = identity(pid)
+    return f"{OWNER_PREFIX}{host}:{pid}:{started:.3f}"
 
 
 def owner_alive(tag: str) -> bool | None:
@@ -43,11 +43,9 @@ def owner_alive(tag: str) -> bool | None:
         True/False for a process of this host; None for another host's (unknown).
     """
     host, pid, started = tag[len(OWNER_PREFIX):].rsplit(":", 2)
-    if host != socket.gethostname():
-        return None
     try:
-        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1e-2
-    except (psutil.NoSuchProcess, ValueError):
+        return alive(host, int(pid), float(started))
+    except ValueError:
         return False
 
 

@@ -9,6 +9,18 @@ from prefect import task
 from metatransfer import dvc_stages
 
 
+@task(name="check_params")
+def check_params(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
+    """Validate params.yaml before any stage runs (DVC deletes a stage's outputs before running it)."""
+    return dvc_stages.reproduce_stage("check_params", root, force=force, parent_run_id=parent_run_id)
+
+
+@task(name="image_folders")
+def image_folders(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
+    """Manifests of the folders in prepare.image_folders (prepare re-runs when one changes)."""
+    return dvc_stages.reproduce_stage("image_folders", root, force=force, parent_run_id=parent_run_id)
+
+
 @task(name="fetch", retries=2, retry_delay_seconds=10)
 def fetch(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Raw files into data/raw (download or mirror copy, checksums verified)."""

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from metatransfer.config import finite_float
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec
@@ -73,8 +74,34 @@ class Hparams:
                     f"{where}.{key}: expected {expected}, found {type(value).__name__} ({value!r})"
                 )
             if expected == "float":
-                values[key] = float(value)
+                values[key] = finite_float(value, f"{where}.{key}")
         return cls(**values)
+
+    @classmethod
+    def step_size_keys(cls) -> list[str]:
+        """This algorithm's own step-size hyper-parameters (field names), for hints.
+
+        Read off the dataclass fields, so a hint can only name keys that exist:
+        float fields called `lr`, `*_lr`, `lr_*` or `*step_size*`.
+        """
+        return [f.name for f in fields(cls)
+                if f.type in ("float", float)
+                and (f.name == "lr" or f.name.endswith("_lr") or f.name.startswith("lr_") or "step_size" in f.name)]
+
+
+def learning_rate_keys(algorithm: str, hparams_class: type[Hparams]) -> list[str]:
+    """The params keys that set an algorithm's learning rates: the outer
+    `meta_train.meta_lr` and its own step sizes under `meta_train.hparams.<algorithm>`.
+
+    Args:
+        algorithm: registry name.
+        hparams_class: its `Hparams` subclass.
+
+    Returns:
+        Dotted keys, e.g. ["meta_train.meta_lr", "meta_train.hparams.anil.inner_lr"];
+        just the first for an algorithm without an inner step size (protonet).
+    """
+    return ["meta_train.meta_lr", *(f"meta_train.hparams.{algorithm}.{k}" for k in hparams_class.step_size_keys())]
 
 
 class MetaLearner(nn.Module, ABC):

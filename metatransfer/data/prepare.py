@@ -85,7 +85,8 @@ import order) into ``images.npy`` (the staged file is renamed when the order
 is already right). No whole dataset is held in memory: peak RSS stays at the
 interpreter + libraries + one chunk (benchmarks/RESULTS.md). Everything is
 built in a temporary folder beside out_dir and renamed into place at the
-end; a failed run leaves the previous output as it was.
+end; a failed run leaves the previous output as it was, and the folders of
+a killed run are removed when the next run starts (`clean_stale_work_dirs`).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ import json
 import logging
 import mmap
 import os
+import platform
+import re
 import shutil
 import time
 import uuid
@@ -593,6 +596,72 @@ def _save_manifest(df: pd.DataFrame, path: Path) -> None:
     df.to_parquet(path, index=False)
 
 
+# --------------------------------------------------------------------------- temporary folders
+# `.<out>.tmp-<tag>` (the store being built) and `.<out>.old-<tag>` (the last
+# good store, moved aside for the final swap) sit beside out_dir. The tag names
+# the owner (host, pid) so that a later run can tell a killed run's leftovers
+# from a live run's; the random part keeps two runs of one process apart.
+_HOST = f"{zlib.crc32(platform.node().encode()):08x}"
+_TAG = re.compile(r"^(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[0-9a-f]{8}$")
+
+
+def _work_tag() -> str:
+    return f"{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _owner_alive(tag: str) -> bool | None:
+    """True/False: the run that made a folder with this tag is (not) running; None: not ours to judge."""
+    m = _TAG.match(tag)
+    if m is None:
+        return None  # not a name prepare makes
+    if m["pid"] is None:
+        return False  # made before tags named their owner; DVC's repo lock allowed no concurrent run then
+    if m["host"] != _HOST:
+        return None  # another machine's run on a shared disk: its pid means nothing here
+    try:
+        os.kill(int(m["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def clean_stale_work_dirs(out_dir: Path) -> list[Path]:
+    """Remove what killed `prepare` runs left beside `out_dir`; keep a live run's folders.
+
+    A kill during a run leaves `.<name>.tmp-<tag>` (a partial store, often tens
+    of MB). A kill between the two renames of the final swap leaves out_dir
+    missing and the last good store in `.<name>.old-<tag>`: it is moved back.
+
+    Args:
+        out_dir: the prepared folder (e.g. data/prepared).
+
+    Returns:
+        The leftover folders handled (deleted, or moved back to out_dir).
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return []
+    stale: dict[str, list[Path]] = {"tmp": [], "old": []}
+    for kind in stale:
+        prefix = f".{out_dir.name}.{kind}-"
+        for path in out_dir.parent.glob(f"{prefix}*"):
+            if path.is_dir() and not path.is_symlink() and _owner_alive(path.name[len(prefix):]) is False:
+                stale[kind].append(path)
+    handled = stale["tmp"] + stale["old"]
+    olds = sorted(stale["old"], key=lambda p: p.stat().st_mtime)
+    if olds and not out_dir.exists():
+        newest = olds.pop()
+        os.rename(newest, out_dir)
+        log.warning("%s was missing (a run was killed during its final swap): restored the last good store from %s",
+                    out_dir, newest.name)
+    for path in stale["tmp"] + olds:
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by a prepare run that was killed", path)
+    return handled
+
+
 # --------------------------------------------------------------------------- all
 def prepare(params: PrepareParams, datasets: tuple[str, ...], raw_dir: Path, out_dir: Path, seed: int,
             base_dir: Path | None = None) -> PrepareReport:
@@ -624,7 +693,8 @@ def prepare(params: PrepareParams, datasets: tuple[str, ...], raw_dir: Path, out
     report = PrepareReport(out_dir=out_dir)
     quarantine: list[imp.QuarantineRow] = []
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
+    clean_stale_work_dirs(out_dir)
+    tag = _work_tag()
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
     old = out_dir.parent / f".{out_dir.name}.old-{tag}"
     try:

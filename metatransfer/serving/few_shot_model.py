@@ -1,4 +1,8 @@
-"""MLflow pyfunc model (models-from-code) that adapts a meta-learner on each request.
+"""MLflow pyfunc loader of a meta-learner that adapts on each request (the artifact holds no code).
+
+Loaded like `target_model`: MLmodel names this installed module as its
+`loader_module`; `_load_pyfunc` verifies the model folder before reading the
+safetensors weights.
 
 Input (named tensors): `support_x` float32 (S, C, H, W) in [0, 1],
 `support_y` int64 (S,) labels 0..N-1, `query_x` float32 (Q, C, H, W).
@@ -10,26 +14,26 @@ table); the model has no class names of its own.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.pyfunc import PythonModel
 
 
-class FewShotPyfunc(PythonModel):
-    """Loads a meta-learner (safetensors) and runs its `adapt` per request."""
+class FewShotPredictor:
+    """A meta-learner (safetensors) that runs its `adapt` per request."""
 
-    def load_context(self, context: Any) -> None:
+    def __init__(self, folder: str | Path) -> None:
         from metatransfer.artifacts import load_learner
 
-        self.learner = load_learner(context.artifacts["learner"])
+        self.learner = load_learner(folder)
         spec = self.learner.backbone_spec
         self.channels, self.size = spec.in_channels, spec.image_size
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+    def predict(self, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+        """Adapt on the request's support set and classify its queries."""
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -57,4 +61,13 @@ class FewShotPyfunc(PythonModel):
         return out
 
 
-mlflow.models.set_model(FewShotPyfunc())
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> FewShotPredictor:
+    """MLflow's loader entry point: verify the model folder, then load the learner.
+
+    Raises:
+        ArtifactError: see `target_model._load_pyfunc`.
+    """
+    from metatransfer.artifacts import check_model_folder
+
+    check_model_folder(data_path)
+    return FewShotPredictor(data_path)

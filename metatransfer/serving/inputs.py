@@ -47,5 +47,7 @@ def as_labels(value: Any, name: str, count: int) -> tuple[torch.Tensor, int]:
     classes = np.unique(arr)
     n = int(classes.size)
     if n < 2 or not np.array_equal(classes, np.arange(n)):
-        raise InputError(f"{name}: labels must be 0..N-1 with every class present and N >= 2, found {classes.tolist()}")
+        # At most 10 labels quoted: a request can hold any number of them.
+        found = str(classes.tolist()) if n <= 10 else f"{str(classes[:10].tolist())[:-1]}, ...] ({n} distinct labels)"
+        raise InputError(f"{name}: labels must be 0..N-1 with every class present and N >= 2, found {found}")
     return torch.from_numpy(arr.astype(np.int64)), n

@@ -1,37 +1,44 @@
-"""MLflow pyfunc model (models-from-code) serving a fine-tuned target model.
+"""MLflow pyfunc loader of a fine-tuned target model: the artifact holds data, never code.
+
+The logged model's MLmodel names this installed module as its `loader_module`
+and its `data` is the safetensors folder (`data/<method>/`). MLflow imports
+this module from the installed package and calls `_load_pyfunc(data_path)`,
+which verifies the whole model folder first (`artifacts.check_model_folder`:
+this loader, no code paths, no Python file that differs from the installed
+serving modules, no pickle) and only then reads the weights, checksums
+verified. So neither `mlflow.pyfunc.load_model` nor `mlflow models serve`
+imports or unpickles anything stored in the artifact.
 
 Input: float32 images (batch, C, H, W) in [0, 1]. Output: one row per image with
 `prediction` (class index), `label` (the full class name, `<dataset>/<class>`),
 `class_name` (the name a person reads, e.g. "glioma"), `probabilities` (class
-name -> probability, every class) and `prob_<i>` per class index (the fields
-clients had before class names were added, unchanged).
+name -> probability, every class) and `prob_<i>` per class index.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.pyfunc import PythonModel
 
 
-class TargetModelPyfunc(PythonModel):
-    """Loads the safetensors folder under the `model` artifact through the library."""
+class TargetModelPredictor:
+    """A target model loaded from its safetensors folder, answering pyfunc `predict` calls."""
 
-    def load_context(self, context: Any) -> None:
+    def __init__(self, folder: str | Path) -> None:
+        from metatransfer.classnames import display_names
         from metatransfer.training.finetune import load_target_model
 
-        from metatransfer.classnames import display_names
-
-        self.model = load_target_model(context.artifacts["model"])
+        self.model = load_target_model(folder)
         spec = self.model.backbone_spec
         self.channels, self.size = spec.in_channels, spec.image_size
         self.class_names = display_names(self.model.class_names)
 
-    def predict(self, context, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+    def predict(self, model_input, params=None):  # untyped: MLflow reads type hints as a schema
+        """Class predictions and probabilities of a batch of images (see the module docstring)."""
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -57,4 +64,19 @@ class TargetModelPyfunc(PythonModel):
         return out
 
 
-mlflow.models.set_model(TargetModelPyfunc())
+def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> TargetModelPredictor:
+    """MLflow's loader entry point: verify the model folder, then load the weights.
+
+    Args:
+        data_path: the model's `data` folder (a safetensors target-model folder),
+            inside the MLflow model folder that holds MLmodel.
+        model_config: unused (MLflow passes it when the model has one).
+
+    Raises:
+        ArtifactError: the model folder holds code or pickles, names another
+            loader, or its weights fail their checksums.
+    """
+    from metatransfer.artifacts import check_model_folder
+
+    check_model_folder(data_path)
+    return TargetModelPredictor(data_path)

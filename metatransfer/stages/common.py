@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from metatransfer.config import Params, load_params
+from metatransfer.io import write_json_atomic
 
 
 def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
@@ -30,25 +28,24 @@ def setup(stage: str, argv: list[str] | None) -> tuple[Params, Path]:
 
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=float)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def run_stage(stage: str, argv: list[str] | None, body) -> int:
     """Run a stage body `body(params, root)` as a command: 0 on success, 1 on an
     error meant for people (logged with its message, no traceback), 2 when the
-    params file lacks the stage's section."""
-    from metatransfer.errors import MetatransferError
+    params file lacks the stage's section.
+
+    Errors meant for people are the library's own (`MetatransferError`) and
+    failures of the environment wherever they surface (a full disk, a tracking
+    server refusing credentials or out of reach: `errors.environment_error`);
+    anything else is a bug and keeps its traceback."""
+    from metatransfer.errors import MetatransferError, environment_error
 
     try:
+        from metatransfer.ownership import die_with_dvc
+
+        die_with_dvc()  # a `dvc repro` killed with SIGKILL takes this stage along
         params, root = setup(stage, argv)
         if stage in ("episodes", "pretrain", "meta_train", "finetune", "evaluate") and getattr(params, stage) is None:
             logging.getLogger(stage).error("params.yaml has no `%s` section; add it (see the README)", stage)
@@ -61,4 +58,10 @@ def run_stage(stage: str, argv: list[str] | None, body) -> int:
         return 0
     except MetatransferError as exc:
         logging.getLogger(stage).error("%s", exc)
+        return 1
+    except Exception as exc:
+        line = environment_error(exc)
+        if line is None:
+            raise
+        logging.getLogger(stage).error("%s", line)
         return 1

@@ -25,6 +25,7 @@ killed-and-resumed run ends with bit-identical weights.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ from safetensors.torch import save_file
 
 from metatransfer.artifacts import CHECKSUMS, CONFIG, WEIGHTS, ArtifactError, fsync_path, load_state, sha256_file
 from metatransfer.episodes import Episode
+from metatransfer.errors import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +310,13 @@ def save_checkpoint(config: CheckpointConfig, step: int, state: dict[str, Any]) 
             _discard(final)
         os.replace(tmp, final)
         fsync_path(folder)
+    except Exception as exc:
+        if is_disk_full(exc):
+            # safetensors and write() do not say which file: name the checkpoint folder.
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder)) from exc
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no partial folder behind
     for old in checkpoint_dirs(folder)[max(1, config.keep):]:
         _discard(old)
     return final

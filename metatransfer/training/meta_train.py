@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from metatransfer import runtime
-from metatransfer.algorithms.base import MetaLearner
+from metatransfer.algorithms.base import Hparams, MetaLearner, learning_rate_keys
 from metatransfer.config import LR_SCHEDULES, PRECISIONS
 from metatransfer.episodes import Episode
 from metatransfer.errors import MetatransferError
@@ -299,11 +299,13 @@ def meta_train(
             log.warning("step %d: non-finite loss, gradient or weight (loss %s); step skipped, last finite state restored",
                         step + 1, out.loss)
             if consecutive >= settings.max_consecutive_faults:
+                # Keys read off the algorithm's hparams dataclass: the hint never names one that does not exist.
+                rates = learning_rate_keys(learner.name, getattr(learner, "hparams_class", Hparams))
                 raise NumericalFaultError(
                     f"{learner.name}: {consecutive} consecutive steps with a non-finite loss, gradient or "
                     f"weight (last loss {out.loss}) at step {step + 1}; {result.faults} skipped in total "
                     f"(limit meta_train.max_consecutive_faults={settings.max_consecutive_faults}). Lower the "
-                    f"learning rates (meta_train.meta_lr, meta_train.hparams.{learner.name}.inner_lr) and re-run."
+                    f"learning rates ({', '.join(rates)}) and re-run."
                 )
             continue
         consecutive = 0

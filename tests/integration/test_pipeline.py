@@ -16,7 +16,7 @@ from tests.integration.conftest import project_env
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["fetch", "prepare", "episodes", "pretrain", "meta_train", "finetune", "evaluate"]
+STAGES = ["check_params", "fetch", "prepare", "episodes", "pretrain", "meta_train", "finetune", "evaluate"]
 
 
 def _params(project: Path) -> dict:
@@ -122,7 +122,8 @@ def test_prefect_flow_leaves_the_same_state_as_dvc_repro(prefect_project: Path, 
     for stage in STAGES:
         assert lock_a[stage]["outs"] and lock_a[stage]["outs"] == lock_b[stage]["outs"], stage
     client, runs = _mlflow_runs(prefect_project)
-    parent = next(r for r in runs if r.info.run_name == "pipeline")
+    # The fixture's flow made the first `pipeline` run (test_params_guard runs a refused flow later).
+    parent = min((r for r in runs if r.info.run_name == "pipeline"), key=lambda r: r.info.start_time)
     assert parent.info.status == "FINISHED"
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert {"meta_train", "finetune", "evaluate"} <= children

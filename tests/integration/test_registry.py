@@ -88,6 +88,43 @@ def test_promote_task_retries_registry_io_only() -> None:
 
 
 # --------------------------------------------------------------------------- registration by finetune
+def test_challenger_moves_only_when_its_run_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`finetune` registers versions during its run but moves `challenger` as the run's last
+    step: a run that fails (before or while moving it) leaves the alias where it was."""
+    from mlflow.tracking import MlflowClient
+
+    from metatransfer import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("METATRANSFER_PARENT_RUN_ID", raising=False)
+    tracking.configure(tmp_path)
+    client = MlflowClient(tracking.tracking_uri(tmp_path))
+    client.create_registered_model("m")
+    client.set_registered_model_alias("m", "challenger", client.create_model_version("m", "file:///v1").version)
+
+    def challenger() -> str:
+        return str(client.get_model_version_by_alias("m", "challenger").version)
+
+    with pytest.raises(RuntimeError, match="evaluation died"), tracking.stage_run("finetune", tmp_path) as failed:
+        assert registry.register_version(client, "file:///v2", "m", {}, "v2") == "2"
+        assert challenger() == "1"  # registered, not yet challenger
+        raise RuntimeError("evaluation died")
+    assert challenger() == "1" and client.get_run(failed.info.run_id).info.status == "FAILED"
+
+    with pytest.raises(OSError, match="registry down"), tracking.stage_run("finetune", tmp_path) as half:
+        registry.register_version(client, "file:///v3", "m", {}, "v3")
+        tracking.at_run_end(lambda: (_ for _ in ()).throw(OSError("registry down")))  # after the move
+    assert challenger() == "1"  # the move it made was undone
+    assert tracking.registry_changes(client.get_run(half.info.run_id).data.tags)[0]["to"] == "3"
+
+    with tracking.stage_run("finetune", tmp_path) as done:
+        registry.register_version(client, "file:///v4", "m", {}, "v4")
+        assert challenger() == "1"
+    assert challenger() == "4" and client.get_run(done.info.run_id).info.status == "FINISHED"
+    assert tracking.registry_changes(client.get_run(done.info.run_id).data.tags) == [
+        {"name": "m", "alias": "challenger", "from": "1", "to": "4"}]
+
+
 @pytest.mark.slow
 def test_finetune_registers_challengers_with_provenance(dvc_project: Path, tmp_path: Path) -> None:
     import mlflow

@@ -1,10 +1,12 @@
-"""Serving over HTTP: `mlflow models serve -m models:/NAME@champion --env-manager local`.
+"""Serving over HTTP: `metatransfer serve` and `mlflow models serve -m models:/NAME@champion`.
 
 Two real servers run as subprocesses on free loopback ports, against a copy
 of the `dvc_project` fixture whose registry holds the shipped model of the
 first target in its params.yaml and that model's few-shot learner as
-`champion`: one started through `metatransfer serve` (the CLI wrapper), one
-with the plain `mlflow models serve` command line. Tests call them over HTTP
+`champion`: one started through `metatransfer serve` (MLflow's scoring app
+behind the model check and the request guards), one with the plain
+`mlflow models serve` command line (the model's installed loader still
+checks it). Tests call them over HTTP
 and compare with the library; targets, image shape and class names come from
 the fixture's params.yaml and prepared store, so the tests hold for either
 scenario.
@@ -141,7 +143,7 @@ def served(dvc_project: Path, tmp_path_factory: pytest.TempPathFactory):
     port_model, port_learner = free_port(), free_port()
     logs = {"model": base / "model_server.log", "learner": base / "learner_server.log"}
     procs = {
-        # Through the CLI wrapper (it execs `mlflow models serve`)...
+        # Through the CLI (MLflow's scoring app behind metatransfer.serving.server's guards)...
         "model": subprocess.Popen(
             [sys.executable, "-m", "metatransfer.cli", "--root", str(project), "serve", "--target", target,
              "--port", str(port_model)],

@@ -142,18 +142,26 @@ def test_model_code_must_match_the_installed_serving_module(tmp_path: Path) -> N
     from metatransfer import serving
     from metatransfer.artifacts import check_model_code
 
-    source = Path(serving.__file__).parent / "target_model.py"  # not imported: it registers a model
+    source = Path(serving.__file__).parent / "target_model.py"
     model = tmp_path / "model"
-    (model / "artifacts").mkdir(parents=True)
-    (model / "MLmodel").write_text("flavors: {}\n")
-    (model / "artifacts" / "target_model.py").write_bytes(source.read_bytes())
-    check_model_code(model)  # the installed code: accepted
+    (model / "data").mkdir(parents=True)
+    (model / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: metatransfer.serving.target_model\n")
+    check_model_code(model)  # data only, the installed loader: accepted
+    (model / "target_model.py").write_bytes(source.read_bytes())
+    check_model_code(model)  # a byte-identical copy of the installed code: accepted (never imported anyway)
     marker = tmp_path / "marker"
-    (model / "artifacts" / "target_model.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
-    with pytest.raises(ArtifactError, match="differs from the installed metatransfer.serving.target_model"):
+    (model / "target_model.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    with pytest.raises(ArtifactError, match=rf"target_model.py: code in the model differs from the installed package "
+                                            rf"\(expected sha256 {sha256_file(source)} of the installed "
+                                            rf"metatransfer.serving.target_model, found sha256 "
+                                            rf"{sha256_file(model / 'target_model.py')}\).*Re-register the model"):
         check_model_code(model)
     assert not marker.exists()
-    (model / "artifacts" / "target_model.py").write_bytes(source.read_bytes())
-    (model / "artifacts" / "extra.pkl").write_bytes(pickle.dumps(1))
+    (model / "target_model.py").write_bytes(source.read_bytes())
+    (model / "data" / "extra.pkl").write_bytes(pickle.dumps(1))
     with pytest.raises(ArtifactError, match="holds pickled files"):
+        check_model_code(model)
+    (model / "data" / "extra.pkl").unlink()
+    (model / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: mlflow.pyfunc.loaders.code_model\n")
+    with pytest.raises(ArtifactError, match="loader_module is 'mlflow.pyfunc.loaders.code_model'"):
         check_model_code(model)

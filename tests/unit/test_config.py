@@ -186,3 +186,93 @@ def test_training_levers_default_off_and_are_validated(raw: dict) -> None:
     raw["meta_train"]["lr_schedule"] = "linear"
     with pytest.raises(ConfigError, match=r"meta_train.lr_schedule.*found 'linear'"):
         params_from_mapping(raw)
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("meta_train", "meta_lr", float("inf")),
+    ("meta_train", "meta_lr", float("nan")),
+    ("meta_train", "time_budget_s", float("inf")),
+    ("pretrain", "lr", float("-inf")),
+    ("finetune", "lr", float("inf")),
+    ("promote", "margin", float("inf")),
+    ("prepare", "val_fraction", float("nan")),
+    ("meta_train", "meta_lr", 10 ** 400),  # an integer beyond float range
+])
+def test_every_float_key_must_be_finite(raw: dict, section: str, key: str, value: float) -> None:
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: expected a finite number, found"):
+        params_from_mapping(raw)
+
+
+def test_non_finite_floats_refused_inside_lists_and_nested_sections(raw: dict) -> None:
+    bad = copy.deepcopy(raw)
+    bad["finetune"]["augment"]["crop_scale"] = [float("nan"), 1.0]
+    with pytest.raises(ConfigError, match=r"finetune\.augment\.crop_scale\[0\]: expected a finite number, found nan"):
+        params_from_mapping(bad)
+    bad = copy.deepcopy(raw)
+    bad["meta_train"]["sources"][0]["weight"] = float("inf")
+    with pytest.raises(ConfigError, match=r"meta_train\.sources\[0\]\.weight: expected a finite number"):
+        params_from_mapping(bad)
+
+
+def test_algorithm_hparams_must_be_finite(raw: dict) -> None:
+    raw["meta_train"]["hparams"] = {"anil": {"inner_lr": float("inf")}}
+    with pytest.raises(ConfigError, match=r"meta_train\.hparams\.anil\.inner_lr: expected a finite number, found inf"):
+        params_from_mapping(raw)
+
+
+def test_negative_time_budget_is_refused(raw: dict) -> None:
+    raw["meta_train"]["time_budget_s"] = -5
+    with pytest.raises(ConfigError, match=r"meta_train\.time_budget_s: must be >= 0 .*found -5"):
+        params_from_mapping(raw)
+
+
+def test_learning_rate_hints_name_only_real_keys(raw: dict) -> None:
+    """The non-finite-step hint is read off each algorithm's hparams dataclass:
+    every key it names is accepted by params validation, and protonet (no inner
+    step size) is pointed at meta_train.meta_lr alone."""
+    from metatransfer.algorithms import REGISTRY, algorithm_class
+    from metatransfer.algorithms.base import learning_rate_keys
+
+    assert learning_rate_keys("protonet", algorithm_class("protonet").hparams_class) == ["meta_train.meta_lr"]
+    assert learning_rate_keys("anil", algorithm_class("anil").hparams_class) == [
+        "meta_train.meta_lr", "meta_train.hparams.anil.inner_lr"]
+    for name in sorted(REGISTRY):
+        for key in learning_rate_keys(name, algorithm_class(name).hparams_class):
+            bad = copy.deepcopy(raw)
+            section = bad
+            *parents, leaf = key.split(".")
+            for part in parents:
+                section = section.setdefault(part, {})
+            section[leaf] = 0.001  # a key that did not exist would be an "unknown key" error
+            params_from_mapping(bad)
+
+
+def test_non_finite_steps_error_names_real_keys() -> None:
+    """The trainer's stop message for an algorithm without an inner step size
+    (protonet) names meta_train.meta_lr and no `hparams.protonet.*` key."""
+    import torch
+
+    from metatransfer.algorithms.base import Hparams, MetaLearner, StepResult
+    from metatransfer.training.meta_train import NumericalFaultError, TrainSettings, meta_train
+
+    class Exploding(MetaLearner):
+        name = "protonet"
+        hparams_class = Hparams
+
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def meta_learn(self, episodes):  # noqa: ANN001
+            (self.w * float("nan")).sum().backward()
+            return StepResult(loss=float("nan"), acc=0.0)
+
+        def adapt(self, support_x, support_y, n_way, unlabeled_x=None):  # noqa: ANN001
+            raise NotImplementedError
+
+    settings = TrainSettings(steps=3, meta_batch_size=1, meta_lr=1e-3, val_every=10, max_consecutive_faults=2)
+    with pytest.raises(NumericalFaultError) as err:
+        meta_train(Exploding(), lambda: None, [], settings)
+    msg = str(err.value)
+    assert "(meta_train.meta_lr) and re-run" in msg and "hparams.protonet" not in msg

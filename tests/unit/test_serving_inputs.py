@@ -45,24 +45,27 @@ def test_bad_labels_are_named(value, expected: str) -> None:
         as_labels(value, "support_y", 4)
 
 
+def test_many_bad_labels_are_quoted_as_a_short_prefix() -> None:
+    with pytest.raises(InputError) as err:
+        as_labels(list(range(1, 5001)), "support_y", 5000)
+    assert str(err.value).endswith("found [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, ...] (5000 distinct labels)")
+    assert len(str(err.value)) < 200
+
+
 
 # --------------------------------------------------------------------------- the target model's answer
 def _served_target_model(tmp_path, class_names: list[str]):
     """The pyfunc of a tiny saved target model, loaded as the scoring server loads it."""
-    from types import SimpleNamespace
-
     import torch
 
     from metatransfer.models import BackboneSpec
-    from metatransfer.serving.target_model import TargetModelPyfunc
+    from metatransfer.serving.target_model import TargetModelPredictor
     from metatransfer.training.finetune import TargetModel, save_target_model
 
     torch.manual_seed(0)
     model = TargetModel(BackboneSpec(name="conv4", in_channels=3, image_size=16, hidden=4), class_names, "protonet")
     save_target_model(model, tmp_path / "model")
-    pyfunc = TargetModelPyfunc()
-    pyfunc.load_context(SimpleNamespace(artifacts={"model": str(tmp_path / "model")}))
-    return pyfunc
+    return TargetModelPredictor(tmp_path / "model")
 
 
 def test_target_model_answers_with_class_names(tmp_path) -> None:
@@ -70,7 +73,7 @@ def test_target_model_answers_with_class_names(tmp_path) -> None:
              "brain_tumor_mri/pituitary"]
     pyfunc = _served_target_model(tmp_path, names)
     x = np.random.default_rng(0).random((6, 3, 16, 16), dtype=np.float32)
-    out = pyfunc.predict(None, x)
+    out = pyfunc.predict(x)
     # today's fields, unchanged
     assert {"prediction", "label", "prob_0", "prob_1", "prob_2", "prob_3"} <= set(out.columns)
     probs = out[[f"prob_{i}" for i in range(4)]].to_numpy()
@@ -96,7 +99,7 @@ def test_target_model_answers_with_class_names(tmp_path) -> None:
 
 def test_target_model_keeps_full_names_when_short_ones_collide(tmp_path) -> None:
     pyfunc = _served_target_model(tmp_path, ["a/cat", "b/cat"])
-    out = pyfunc.predict(None, np.zeros((2, 3, 16, 16), dtype=np.float32))
+    out = pyfunc.predict(np.zeros((2, 3, 16, 16), dtype=np.float32))
     assert set(out["probabilities"][0]) == {"a/cat", "b/cat"} and out["class_name"][0] in {"a/cat", "b/cat"}
 
 

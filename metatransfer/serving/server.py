@@ -1,0 +1,290 @@
+"""HTTP serving of a logged model: MLflow's scoring app, behind a model check and two guards.
+
+`metatransfer serve` runs `serve()`: the model is downloaded into a private
+folder, checked (`artifacts.check_model_code`: no code but the installed
+package's can run) and loaded; MLflow's own scoring app (`/invocations`,
+`/ping`, `/health`, `/version`) then answers behind two ASGI layers:
+
+- `BodyLimit` refuses a request body above a limit with 413 before reading it
+  (Content-Length) or as soon as a streamed body passes it, so one oversized
+  request cannot hold a worker or its memory. The default limit is derived from
+  the model's input shape (`default_body_limit`).
+- `ReasonFirst` rewrites 4xx answers so that the message starts with the
+  reason and quotes at most a short prefix of the input (MLflow's messages put
+  the whole input, thousands of characters, before the reason).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# A float32 in [0, 1] sent as JSON text (`0.0078431377187371`, then ", ") takes
+# up to ~22 bytes; 24 leaves room for brackets and exponents.
+JSON_BYTES_PER_VALUE = 24
+# The default limit fits this many images of the model's input shape per request.
+DEFAULT_MAX_IMAGES = 128
+# The default limit stays within these bounds whatever the input shape.
+MIN_DEFAULT_BODY_BYTES = 1 << 20
+MAX_DEFAULT_BODY_BYTES = 64 << 20
+# Room for the JSON envelope and the non-image fields.
+ENVELOPE_BYTES = 64 << 10
+# At most this many characters of the input are quoted back in an error.
+ECHO_CHARS = 80
+# An error message longer than this is cut (a reason never needs more).
+MAX_MESSAGE_CHARS = 600
+
+
+def default_body_limit(schema: Any) -> int:
+    """The default request-body limit (bytes) for a model's input schema.
+
+    `DEFAULT_MAX_IMAGES` rows of every tensor input (e.g. images of shape
+    (C, H, W), or support + query images for a few-shot learner) as JSON text,
+    plus an envelope, within [1 MiB, 64 MiB]. A schema without tensor shapes
+    gets 16 MiB.
+
+    Args:
+        schema: the model's input schema (`model.metadata.get_input_schema()`), or None.
+    """
+    values = 0
+    for spec in getattr(schema, "inputs", None) or []:
+        shape = getattr(spec, "shape", None)
+        if shape is None:
+            return 16 << 20
+        values += math.prod(abs(int(d)) for d in shape[1:])
+    if values == 0:
+        return 16 << 20
+    limit = DEFAULT_MAX_IMAGES * values * JSON_BYTES_PER_VALUE + ENVELOPE_BYTES
+    return int(min(max(limit, MIN_DEFAULT_BODY_BYTES), MAX_DEFAULT_BODY_BYTES))
+
+
+def _prefix(text: str, n: int = ECHO_CHARS) -> str:
+    """`text` cut to `n` characters, newlines flattened, with how much was left out."""
+    flat = " ".join(text.split())
+    return repr(flat) if len(flat) <= n else f"{flat[:n]!r}... ({len(text)} characters)"
+
+
+# Wrappers MLflow puts around a reason, each quoting the input before it. Matched
+# from the outside in; `data` is the quoted input, `reason` what went wrong.
+_WRAPPERS = (
+    # scoring_server.invocations(): a model's MlflowException
+    re.compile(r"Failed to predict data '(?P<data>.*)'\. ?\nError: (?P<reason>.*)", re.S),
+    # schema enforcement (mlflow.models.utils)
+    re.compile(r"Failed to enforce schema of data '(?P<data>.*)' with schema '.*?'\. Error: (?P<reason>.*)", re.S),
+    # scoring_server._decode_json_input(): a body that is not JSON
+    re.compile(r"(?P<reason>(?:Invalid input\. )?Ensure that input is a valid JSON formatted string\. Error: .*?)"
+               r"\s*Input: ?\n(?P<data>.*)", re.S),
+)
+# MLflow's note on its 2.0 protocol change, appended to several 4xx messages: not a reason.
+_PROTOCOL_NOTE = re.compile(r"\s*IMPORTANT: The MLflow Model scoring protocol has changed in MLflow version 2\.0\..*",
+                            re.S)
+_CONTENT_TYPE = re.compile(r"This predictor only supports the following content types: Types: (?P<types>\[.*?\])\. "
+                           r"Got '(?P<data>.*)'\.", re.S)
+
+
+def reason_first(message: str) -> str:
+    """An error message that leads with the reason and quotes at most `ECHO_CHARS` of the input.
+
+    Unwraps MLflow's "Failed to predict data '<input>'. Error: <reason>" (and the
+    schema and JSON wrappers), keeps the reason, appends a short prefix of the
+    input, and cuts anything longer than `MAX_MESSAGE_CHARS`.
+    """
+    echo = None
+    m = _CONTENT_TYPE.fullmatch(message.strip())
+    if m:
+        return f"unsupported content type {_prefix(m['data'])}; send one of {m['types']}"
+    for _ in range(len(_WRAPPERS) + 1):
+        m = next((w.fullmatch(message) for w in _WRAPPERS if w.fullmatch(message)), None)
+        if m is None:
+            break
+        if echo is None:
+            echo = m["data"]
+        message = m["reason"]
+    message = " ".join(_PROTOCOL_NOTE.sub("", message).split())
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}... (message cut, {len(message)} characters)"
+    if echo is not None:
+        message += f" (input starts with {_prefix(echo)})"
+    return message
+
+
+async def _reply(send: Any, status: int, message: str) -> None:
+    """Send a complete JSON error answer in MLflow's format and close the connection."""
+    body = json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, without reading it into memory.
+
+    A declared Content-Length over the limit is refused before any byte is
+    read; a streamed body is counted and refused as soon as it passes the
+    limit. A body within the limit is handed on unchanged.
+    """
+
+    def __init__(self, app: Any, limit: int, hint: str = "") -> None:
+        self.app, self.limit, self.hint = app, int(limit), hint
+
+    def _too_large(self, size: str) -> str:
+        return (f"request body too large: {size}, the limit is {self.limit} bytes{self.hint}; send fewer images "
+                "per request, or start the server with a larger --max-body-mb")
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await _reply(send, 400, f"Content-Length header is not a number: {_prefix(declared.decode('latin-1'))}")
+                return
+            if int(declared) > self.limit:
+                await _reply(send, 413, self._too_large(f"Content-Length {int(declared)} bytes"))
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await _reply(send, 413, self._too_large(f"more than {self.limit} bytes received"))
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        chunks.clear()
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class ReasonFirst:
+    """ASGI middleware: 4xx answers lead with the reason and quote at most a prefix of the input.
+
+    JSON errors (`{"error_code", "message", "stack_trace"}`) get their message
+    rewritten by `reason_first` and lose the stack trace (server internals a
+    client cannot act on; logged by the server); plain-text errors are rewritten
+    the same way. Other answers pass through untouched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: dict | None = None
+        parts: list[bytes] = []
+
+        async def rewrite(message: dict) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                start = message
+                return
+            if start is None:
+                await send(message)
+                return
+            parts.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            body = _rewrite_error(b"".join(parts), dict(start.get("headers") or []).get(b"content-type", b""))
+            headers = [(k, v) for k, v in start.get("headers") or [] if k.lower() != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+        await self.app(scope, receive, rewrite)
+
+
+def _rewrite_error(body: bytes, content_type: bytes) -> bytes:
+    """The body of a 4xx answer with its message passed through `reason_first`."""
+    text = body.decode("utf-8", "replace")
+    if content_type.startswith(b"application/json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("message"), str):
+            trace = data.pop("stack_trace", None)
+            if trace:
+                log.info("stack trace of a %s answer (not sent to the client): %s", data.get("error_code"), trace)
+            data["message"] = reason_first(data["message"])
+            return json.dumps(data).encode()
+    return reason_first(text).encode()
+
+
+class MissingContentType:
+    """ASGI middleware: a POST without Content-Type gets 415 with what to send (MLflow's app fails with 500)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and not any(
+                k.lower() == b"content-type" for k, _ in scope.get("headers") or []):
+            await _reply(send, 415, "missing Content-Type header; send application/json (or text/csv)")
+            return
+        await self.app(scope, receive, send)
+
+
+def build_app(model: Any, max_body_bytes: int | None = None) -> tuple[Any, int]:
+    """MLflow's scoring app for a loaded pyfunc model, behind the size limit and the error rewriting.
+
+    Args:
+        model: a loaded (and checked) `mlflow.pyfunc.PyFuncModel`.
+        max_body_bytes: request body limit; None for `default_body_limit` of the model's input schema.
+
+    Returns:
+        (ASGI app, the body limit in bytes).
+    """
+    from mlflow.pyfunc import scoring_server
+
+    schema = model.metadata.get_input_schema()
+    limit = int(max_body_bytes) if max_body_bytes else default_body_limit(schema)
+    shapes = [tuple(s.shape[1:]) for s in getattr(schema, "inputs", None) or [] if getattr(s, "shape", None)]
+    per_row = sum(math.prod(abs(int(d)) for d in s) for s in shapes) * JSON_BYTES_PER_VALUE
+    hint = f" (about {limit // per_row} images of shape {shapes[0]} as JSON)" if shapes and per_row else ""
+    app = scoring_server.init(model)
+    return BodyLimit(MissingContentType(ReasonFirst(app)), limit, hint), limit
+
+
+def serve(model_uri: str, host: str, port: int, workdir: str | Path, max_body_bytes: int | None = None) -> None:
+    """Download, check, load and serve `model_uri` over HTTP until interrupted.
+
+    Args:
+        model_uri: e.g. `models:/NAME/VERSION`; resolved with the current tracking URI.
+        host, port: where to listen.
+        workdir: an empty private folder for the downloaded model.
+        max_body_bytes: request body limit (None: derived from the model's input shape).
+
+    Raises:
+        ArtifactError: the model holds code or pickles, or its weights fail their checks.
+    """
+    import uvicorn
+
+    from metatransfer.artifacts import load_pyfunc_model
+
+    model = load_pyfunc_model(model_uri, workdir)
+    app, limit = build_app(model, max_body_bytes)
+    log.info("serving %s on http://%s:%d (request bodies up to %d bytes)", model_uri, host, port, limit)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
