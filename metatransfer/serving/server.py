@@ -9,6 +9,11 @@ package's can run) and loaded; MLflow's own scoring app (`/invocations`,
   (Content-Length) or as soon as a streamed body passes it, so one oversized
   request cannot hold a worker or its memory. The default limit is derived from
   the model's input shape (`default_body_limit`).
+- `ImageInputs` turns a request that carries image files (`image/png`,
+  `image/jpeg`, ... as the body; `multipart/form-data`; base64 strings in JSON
+  under `images_base64`) into the array request MLflow scores, each image
+  preprocessed by `prepare`'s own code (`images.preprocess`) at the model's
+  channels and image size; a bad image gets 400 with the reason first.
 - `ReasonFirst` rewrites 4xx answers so that the message starts with the
   reason and quotes at most a short prefix of the input (MLflow's messages put
   the whole input, thousands of characters, before the reason).
@@ -20,6 +25,7 @@ import json
 import logging
 import math
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -242,9 +248,118 @@ class MissingContentType:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("method") == "POST" and not any(
                 k.lower() == b"content-type" for k, _ in scope.get("headers") or []):
-            await _reply(send, 415, "missing Content-Type header; send application/json (or text/csv)")
+            await _reply(send, 415, "missing Content-Type header; send application/json (or text/csv), or image "
+                                    "files as image/png, image/jpeg or multipart/form-data")
             return
         await self.app(scope, receive, send)
+
+
+# Image requests are preprocessed one at a time: decoding is CPU-bound (run off the event loop), and
+# `importers.decode_files` sets a process-wide warnings filter that concurrent calls could restore wrongly.
+_DECODE_LOCK = threading.Lock()
+
+
+def image_input_shape(schema: Any) -> tuple[int, int] | None:
+    """(channels, image size) of a model whose input is one image tensor (batch, C, S, S); else None."""
+    inputs = getattr(schema, "inputs", None) or []
+    shape = getattr(inputs[0], "shape", None) if len(inputs) == 1 else None
+    if shape is None or len(shape) != 4 or shape[2] != shape[3] or min(shape[1:]) < 1:
+        return None
+    return int(shape[1]), int(shape[2])
+
+
+class ImageInputs:
+    """ASGI middleware: requests carrying image files become array requests for MLflow's scoring app.
+
+    A POST to /invocations whose body is an image (`image/*`), a
+    `multipart/form-data` form with file parts, or JSON with `images_base64`
+    is decoded and preprocessed by `images.preprocess` (prepare's code) at the
+    model's channels and image size, then handed on as
+    `{"inputs": <float32 (n, C, S, S) array>}` in JSON, so it is checked
+    and scored exactly like an array request. At most `max_images` images a
+    request (`build_app`: as many as the body limit admits as arrays, at most
+    `DEFAULT_MAX_IMAGES`). Errors answer 400 (415 for a model without one
+    image input), the message leading with the reason. Must sit inside
+    `BodyLimit`, which bounds and buffers the body.
+    """
+
+    def __init__(self, app: Any, image_shape: tuple[int, int] | None, max_images: int = DEFAULT_MAX_IMAGES) -> None:
+        self.app, self.image_shape, self.max_images = app, image_shape, int(max_images)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = dict((k.lower(), v) for k, v in scope.get("headers") or []) if scope["type"] == "http" else {}
+        ctype = headers.get(b"content-type", b"").decode("latin-1")
+        kind = ctype.split(";", 1)[0].strip().lower()
+        if (scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != "/invocations"
+                or not (kind.startswith("image/") or kind in ("multipart/form-data", "application/json"))):
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        chunks.clear()
+        try:
+            arrays = await _to_thread(self._images, ctype, body)
+        except _Refused as exc:
+            await _reply(send, exc.status, reason_first(str(exc)))  # cut: a decoder's message has no bound
+            return
+        if arrays is not None:
+            body = json.dumps({"inputs": arrays.tolist()}).encode()
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or []
+                                          if k.lower() not in (b"content-type", b"content-length")]
+                     + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _images(self, content_type: str, body: bytes) -> Any:
+        """The preprocessed images of an image request (float32 array), or None for any other request."""
+        from metatransfer.serving.images import image_files, preprocess
+        from metatransfer.serving.inputs import InputError
+
+        try:
+            files = image_files(content_type, body)
+            if files is None:
+                return None
+            if self.image_shape is None:
+                raise _Refused(415, "image files are served for a target model (one images input); this model "
+                                    "takes named arrays as JSON (see docs/registry.md, Serving)")
+            if len(files) > self.max_images:
+                raise _Refused(400, f"too many images: {len(files)} in one request, at most {self.max_images} (as "
+                                    "many as the body limit admits as arrays); send them in several requests, or "
+                                    "start the server with a larger --max-body-mb")
+            with _DECODE_LOCK:
+                return preprocess(files, *self.image_shape)
+        except InputError as exc:
+            raise _Refused(400, str(exc)) from None
+
+
+class _Refused(Exception):
+    """An image request answered with `status` and this message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def _to_thread(func: Any, *args: Any) -> Any:
+    """`func(*args)` in a worker thread, so that decoding does not stall the server's other requests."""
+    import asyncio
+
+    return await asyncio.to_thread(func, *args)
 
 
 def build_app(model: Any, max_body_bytes: int | None = None) -> tuple[Any, int]:
@@ -265,7 +380,11 @@ def build_app(model: Any, max_body_bytes: int | None = None) -> tuple[Any, int]:
     per_row = sum(math.prod(abs(int(d)) for d in s) for s in shapes) * JSON_BYTES_PER_VALUE
     hint = f" (about {limit // per_row} images of shape {shapes[0]} as JSON)" if shapes and per_row else ""
     app = scoring_server.init(model)
-    return BodyLimit(MissingContentType(ReasonFirst(app)), limit, hint), limit
+    # An image request becomes an array request in JSON: it may hold no more images than the limit
+    # admits as arrays, so a body of small compressed files cannot expand past what the limit bounds.
+    max_images = max(1, min(DEFAULT_MAX_IMAGES, limit // per_row)) if per_row else DEFAULT_MAX_IMAGES
+    images = ImageInputs(MissingContentType(ReasonFirst(app)), image_input_shape(schema), max_images)
+    return BodyLimit(images, limit, hint), limit
 
 
 def serve(model_uri: str, host: str, port: int, workdir: str | Path, max_body_bytes: int | None = None) -> None:

@@ -178,3 +178,18 @@ def test_default_body_limit_follows_the_input_shape(loaded, tiny, tmp_path: Path
     assert rgb32 > DEFAULT_MAX_IMAGES * 3 * 32 * 32 * JSON_BYTES_PER_VALUE and rgb32 < 48_000_000
     assert default_body_limit(schema((-1, 3, 32, 32), (-1,), (-1, 3, 32, 32))) > rgb32  # support + query
     assert default_body_limit(schema((-1, 3, 512, 512))) == 64 << 20  # the ceiling
+
+
+def test_image_requests_follow_the_model_and_the_body_limit(loaded, tiny, tmp_path: Path) -> None:
+    """The image layer gets the target model's (channels, size), and no more images than the limit
+    admits as arrays; the few-shot learner (named inputs) gets none (its image requests answer 415)."""
+    from metatransfer.serving.server import DEFAULT_MAX_IMAGES, JSON_BYTES_PER_VALUE, ImageInputs, build_app
+
+    app, limit = build_app(loaded)
+    layer = app.app
+    assert isinstance(layer, ImageInputs) and layer.image_shape == (CHANNELS, SIZE)
+    assert layer.max_images == DEFAULT_MAX_IMAGES  # 1 MiB holds 170 arrays of 1x16x16 as JSON
+    app, _ = build_app(loaded, 100_000)
+    assert app.app.max_images == 100_000 // (CHANNELS * SIZE * SIZE * JSON_BYTES_PER_VALUE) == 16
+    app, _ = build_app(load_pyfunc_model(tiny["learner"], tmp_path))
+    assert app.app.image_shape is None
