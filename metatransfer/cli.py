@@ -4,6 +4,7 @@
     metatransfer report
     metatransfer ui       {mlflow,prefect,report} [--port P] [--open]
     metatransfer promote  [--target T ...] [--margin M] [--confidence C] [--n-episodes N] [--baseline METHOD]
+    metatransfer promote  --target T --force --reason "..."
     metatransfer rollback --target T
     metatransfer status   [--target T ...] [--json]
     metatransfer serve    --target T [--model target|learner] [--alias champion] [--port 5001] [--max-body-mb MB]
@@ -75,12 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the target model fine-tuned from the baseline method) on the same held-out episodes "
                                    "of the target test split; move `champion` to the challenger only if the mean gain is "
                                    ">= margin and the paired confidence interval of the per-episode difference excludes 0. "
-                                   "Unset flags come from params.yaml's `promote` section.")
+                                   "Unset flags come from params.yaml's `promote` section. When the challenger is the "
+                                   "baseline method itself and there is no champion, it is compared with the next-best "
+                                   "method instead. --force --reason moves `champion` to the challenger without the gate "
+                                   "(logged with the reason).")
     p.add_argument("--target", action="append", help="target dataset (repeatable; default: finetune.targets)")
     p.add_argument("--margin", type=float, help="minimum mean accuracy gain (e.g. 0.01)")
     p.add_argument("--confidence", type=float, help="level of the paired interval (e.g. 0.95)")
     p.add_argument("--n-episodes", type=int, help="disjoint held-out episodes cut from the test split")
     p.add_argument("--baseline", help="finetune method a first champion must beat (e.g. scratch)")
+    p.add_argument("--force", action="store_true",
+                   help="promote the challenger of each --target WITHOUT the gate (needs --target and --reason)")
+    p.add_argument("--reason", help="why the gate is overridden (required with --force; logged to MLflow and "
+                                    "reports/promotion.json)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
     r = sub.add_parser("rollback", help="move `champion` back to the previous champion",
@@ -97,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve models:/NAME@ALIAS over HTTP on loopback (MLflow's scoring protocol)",
                        description="Serve the version behind models:/NAME@ALIAS with MLflow's scoring app: the model is "
                                    "downloaded, its folder checked (no code but this installed package's can run) and "
-                                   "loaded; request bodies over --max-body-mb get 413. POST {\"inputs\": ...} to "
+                                   "loaded; request bodies over --max-body-mb get 413. POST {\"inputs\": ...} (float images "
+                                   "in [0, 1]), or image files (an image/png or image/jpeg body, or multipart "
+                                   "-F image=@scan.png: the target model applies prepare's own preprocessing) to "
                                    "http://HOST:PORT/invocations.")
     v.add_argument("--target", required=True, help="target dataset")
     v.add_argument("--model", choices=["target", "learner"], default="target",
@@ -117,15 +127,29 @@ def _print(data: Any, as_json: bool, text: str) -> None:
 
 
 def cmd_promote(args: argparse.Namespace, root: Path) -> int:
-    """`promote`: gate every requested target; prints one line (or JSON) per target."""
+    """`promote`: gate every requested target (or, with --force, promote without the gate); one line (or JSON) each."""
     from metatransfer import registry
     from metatransfer.config import load_params
 
-    settings = registry.gate_settings(load_params(root / "params.yaml"), margin=args.margin, confidence=args.confidence,
-                                      n_episodes=args.n_episodes, baseline=args.baseline)
-    results = registry.promote_targets(root, args.target, settings)
-    lines = [f"{r.name}: {r.decision} (challenger v{r.challenger} vs {r.reference}; champion now "
-             f"{'v' + r.champion_after if r.champion_after else 'none'}): {r.reason}" for r in results]
+    if args.force or args.reason is not None:
+        gate_flags = [f for f, v in (("--margin", args.margin), ("--confidence", args.confidence),
+                                     ("--n-episodes", args.n_episodes), ("--baseline", args.baseline)) if v is not None]
+        problem = ("--reason is only for --force" if not args.force
+                   else "--force needs --reason \"...\" (why the gate is overridden)" if not (args.reason or "").strip()
+                   else "--force needs --target (each target promoted deliberately)" if not args.target
+                   else f"--force skips the gate: drop {', '.join(gate_flags)}" if gate_flags else "")
+        if problem:
+            print(f"metatransfer promote: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        results = [registry.force_promote(root, t, args.reason) for t in args.target]
+    else:
+        settings = registry.gate_settings(load_params(root / "params.yaml"), margin=args.margin,
+                                          confidence=args.confidence, n_episodes=args.n_episodes,
+                                          baseline=args.baseline)
+        results = registry.promote_targets(root, args.target, settings)
+    lines = [f"{r.name}: {r.decision}{' (forced, without the gate)' if r.forced else ''} (challenger v{r.challenger} "
+             f"vs {r.reference}; champion now {'v' + r.champion_after if r.champion_after else 'none'}): {r.reason}"
+             for r in results]
     _print([r.to_dict() for r in results], args.json, "\n".join(lines))
     return EXIT_OK
 

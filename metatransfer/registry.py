@@ -13,6 +13,9 @@ baseline method) classify the same held-out episodes: the target's *test*
 split, shuffled with a fixed seed and cut into `n_episodes` disjoint
 episodes. Per-episode accuracy differences give a paired Student-t interval;
 promote only if the mean gain is ≥ `margin` and the interval lies above 0.
+A challenger that is the baseline method itself (and no champion yet) is
+compared with the next-best method instead (`next_best_method`); a person can
+promote without the gate, with a logged reason (`force_promote`).
 Disjoint episodes keep the per-episode values independent; overlapping
 resampled episodes would count each image many times and make the interval
 falsely narrow.
@@ -539,7 +542,8 @@ def _test_images(params: Any, root: Path, target: str) -> tuple[np.ndarray, np.n
 class PromotionResult:
     """The outcome of one promotion attempt.
 
-    decision: "promoted", "rejected" or "already_champion" ("no_challenger" from promote_targets).
+    decision: "promoted", "rejected" or "already_champion" ("no_challenger" from promote_targets);
+    `forced` marks a promotion by `force_promote` (the reason is then the person's).
     """
 
     target: str
@@ -555,6 +559,7 @@ class PromotionResult:
     gain_ci_high: float | None = None
     run_id: str = ""
     evidence: dict[str, Any] = field(default_factory=dict, repr=False)
+    forced: bool = False  # moved by `force_promote` (a person's decision, without the gate)
 
     def to_dict(self, evidence: bool = False) -> dict[str, Any]:
         """JSON-ready dict (the per-episode evidence only when asked)."""
@@ -655,6 +660,22 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
         log.warning("%s: %s", name, reason)
         return PromotionResult(target, name, "rejected", reason, cv, before, before, "quality gate")
 
+    # The baseline a first champion must beat may be the challenger itself (the validation winner is
+    # `scratch`): the gate would compare it with itself (gain 0, CI [0, 0]) and could never pass. It is
+    # compared with the best other method instead, or, with none, rejected with the way out.
+    is_baseline = champion is None and challenger.tags.get("method", "") == settings.baseline
+    next_best = next_best_method(root, target, settings.baseline) if is_baseline else None
+    if is_baseline and next_best is None:
+        reason = (f"version {cv} is the baseline method {settings.baseline!r} itself, so the gate would compare it "
+                  "with itself (gain +0.0000) and can never pass, and no other fine-tuned method of "
+                  f"models/target/{target}/selection.json is on disk to compare with; promote it deliberately with "
+                  f"`metatransfer promote --target {target} --force --reason \"...\"`")
+        log.warning("%s: %s", name, reason)
+        result = PromotionResult(target, name, "rejected", reason, cv, before, before, f"baseline {settings.baseline}")
+        record_decision(root, target, {**result.to_dict(), "confidence": settings.confidence,
+                                       "margin": settings.margin, "n_episodes": settings.n_episodes, "time": _now()})
+        return result
+
     images, labels, fingerprint = _test_images(params, root, target)
     episodes = gate_episodes(len(labels), settings.n_episodes, settings.seed)
     chall_pred = predict_uri(f"models:/{name}/{cv}", images)
@@ -663,21 +684,33 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
         ref_info: dict[str, Any] = {"kind": "champion", "version": before, "method": champion.tags.get("method", "")}
         ref_pred = predict_uri(f"models:/{name}/{before}", images)
     else:
-        folder = root / "models" / "target" / target / settings.baseline
-        if not (folder / "config.json").is_file():
-            raise RegistryError(
-                f"{folder}: no baseline target model for the first champion of {name}; add "
-                f"{settings.baseline!r} to finetune.methods and run `dvc repro finetune`, or choose "
-                "another baseline (promote.baseline / --baseline)")
-        reference = f"baseline {settings.baseline}"
         from metatransfer.artifacts import sha256_file
 
-        ref_info = {"kind": "baseline", "method": settings.baseline, "path": str(folder.relative_to(root)),
+        if is_baseline:
+            folder = root / "models" / "target" / target / next_best
+            reference = f"next-best {next_best}"
+            kind = "next_best"
+        else:
+            folder = root / "models" / "target" / target / settings.baseline
+            if not (folder / "config.json").is_file():
+                raise RegistryError(
+                    f"{folder}: no baseline target model for the first champion of {name}; add "
+                    f"{settings.baseline!r} to finetune.methods and run `dvc repro finetune`, or choose "
+                    "another baseline (promote.baseline / --baseline)")
+            reference = f"baseline {settings.baseline}"
+            kind = "baseline"
+        ref_info = {"kind": kind, "method": folder.name, "path": str(folder.relative_to(root)),
                     "weights_sha256": sha256_file(folder / "model.safetensors")}
         ref_pred = predict_folder(folder, images)
     chall_acc = episode_accuracies(chall_pred, labels, episodes)
     ref_acc = episode_accuracies(ref_pred, labels, episodes)
     verdict = decide(chall_acc, ref_acc, settings.margin, settings.confidence)
+    if is_baseline:
+        why = (f"version {cv} is the baseline method {settings.baseline!r} itself, so it is compared with the "
+               f"next-best method {next_best!r}: {verdict.reason}")
+        if not verdict.promote:
+            why += f"; to ship it anyway: `metatransfer promote --target {target} --force --reason \"...\"`"
+        verdict = GateDecision(verdict.promote, verdict.gain, why)
     decision = "promoted" if verdict.promote else "rejected"
     after = cv if verdict.promote else before
     evidence = {
@@ -716,6 +749,83 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
                              verdict.gain.mean, verdict.gain.low, verdict.gain.high, run_id, evidence)
     record_decision(root, target, {**result.to_dict(), "confidence": settings.confidence, "margin": settings.margin,
                                    "n_episodes": settings.n_episodes, "time": _now()})
+    return result
+
+
+def next_best_method(root: str | Path, target: str, baseline: str) -> str | None:
+    """The method with the best target validation accuracy other than `baseline`, or None.
+
+    Read from models/target/<target>/selection.json (the `finetune` stage's record); only
+    methods whose target model is on disk (config.json) count. Ties: the first listed.
+    """
+    folder = Path(root) / "models" / "target" / target
+    try:
+        methods = json.loads((folder / "selection.json").read_text()).get("methods", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    ranked = [(float(m.get("val_acc", float("-inf"))), -i, name) for i, (name, m) in enumerate(methods.items())
+              if name != baseline and isinstance(m, dict) and (folder / name / "config.json").is_file()]
+    return max(ranked)[2] if ranked else None
+
+
+def force_promote(root: str | Path, target: str, reason: str, parent_run_id: str | None = None) -> PromotionResult:
+    """Move `champion` of `target` to its `challenger` without the gate: a person's deliberate decision.
+
+    For a challenger the gate cannot judge fairly (e.g. the baseline method itself).
+    Logged as a run `promote` with tags decision=promoted, forced=true and
+    force_reason, the param `promote.force_reason`, the version tags
+    gate_decision=promoted, gate_forced=true, gate_reason; recorded in
+    reports/promotion.json with `forced: true` and the reason. The champion
+    history grows as after a gated promotion, so `rollback` undoes it.
+
+    Args:
+        root: project root.
+        target: target dataset name.
+        reason: why the gate is overridden (required, kept verbatim).
+        parent_run_id: see `promote`.
+
+    Raises:
+        RegistryError: empty reason, no challenger, or a challenger the quality gate refused.
+    """
+    import mlflow
+
+    from metatransfer import tracking
+
+    reason = (reason or "").strip()
+    if not reason:
+        raise RegistryError("--force needs --reason \"...\": a forced promotion skips the gate and must say why")
+    root = Path(root).resolve()
+    client = client_for(root)
+    name = model_name(target)
+    challenger = _alias_version(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(
+            f"{name}: no version with alias '{CHALLENGER}' in {tracking.tracking_uri(root)}; "
+            "run the pipeline (`dvc repro` or the `pipeline` flow) so `finetune` registers one")
+    cv = str(challenger.version)
+    champion = _alias_version(client, name, CHAMPION)
+    before = str(champion.version) if champion is not None else None
+    if before == cv:
+        return PromotionResult(target, name, "already_champion", f"version {cv} is already the champion",
+                               cv, before, before, f"champion v{before}")
+    if challenger.tags.get(QUALITY_TAG) == "refused":
+        raise RegistryError(f"{name}: version {cv} failed the quality gate ({challenger.tags.get('quality_reason', '')}); "
+                            "not promotable, not even with --force")
+    with _parent_run(parent_run_id), tracking.stage_run("promote", root) as run:
+        mlflow.set_tags({"target": target, "model_name": name, "decision": "promoted", "forced": "true",
+                         "force_reason": reason[:5000], "challenger_version": cv, "champion_version": cv,
+                         "previous_champion_version": before or "", "reference": "none (forced)"})
+        tracking.log_params({"promote.forced": True, "promote.force_reason": reason})
+        run_id = run.info.run_id
+        _move_champion(client, target, cv, challenger.tags.get(LEARNER_TAG))
+        _set_history(client, name, [*champion_history(client, name), cv])
+    for key, value in {"gate_decision": "promoted", "gate_forced": "true", "gate_reason": reason[:5000],
+                       "gate_run_id": run_id}.items():
+        client.set_model_version_tag(name, cv, key, value)
+    log.warning("%s: challenger v%s promoted WITHOUT the gate (--force): %s", name, cv, reason)
+    result = PromotionResult(target, name, "promoted", reason, cv, before, cv, "none (forced)", run_id=run_id,
+                             forced=True)
+    record_decision(root, target, {**result.to_dict(), "time": _now()})
     return result
 
 

@@ -32,7 +32,10 @@ def promote(root: str, parent_run_id: str | None = None, targets: list[str] | No
     """Gate each target's challenger against its champion (or the baseline); move `champion` if it passes.
 
     A target whose challenger is already champion, or that has none (finetune
-    did not run), is reported, not failed. The decision runs are children of
+    did not run), is reported, not failed; a challenger that is the baseline
+    method itself is judged against the next-best method (`registry.promote`).
+    Never forced: a promotion without the gate is a person's `metatransfer
+    promote --force --reason`. The decision runs are children of
     `parent_run_id` (the pipeline's MLflow run).
 
     Returns:

@@ -3,7 +3,8 @@ its meta-learned φ, fine-tuned on the few labelled target images with early
 stopping on target validation data; the method to ship is chosen on target
 validation accuracy (or forced by a param) and the choice is recorded with
 its evidence. Writes `models/target/<target>/<method>/`,
-`models/target/<target>/selection.json` and `metrics/finetune.json`.
+`models/target/<target>/selection.json` (with the labelled images used per
+class, `shots`) and `metrics/finetune.json`.
 
 The shipped model of every target is registered in the MLflow Model Registry
 as a new version of `metatransfer-<target>` (alias `challenger`), and the
@@ -14,6 +15,7 @@ registry action (`metatransfer promote`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -56,14 +58,48 @@ def per_class_subset(split: SplitData, per_class: int, seed: int) -> tuple[torch
     return to_float(split.images[sel]), torch.from_numpy(split.labels[sel].astype(np.int64))
 
 
+def shots_used(split: SplitData, per_class: int) -> dict[str, Any]:
+    """The labelled images per class `per_class_subset` takes from `split` (all of a class when it has fewer).
+
+    Args:
+        split: the target's train split.
+        per_class: finetune.shots_per_class (<= 0: every image).
+
+    Returns:
+        {"requested": per_class, "per_class": {class name: images used}, "fewer_than_requested":
+        [class names with fewer than requested]} (deterministic: it goes into selection.json).
+    """
+    counts = np.bincount(split.labels, minlength=len(split.class_names))
+    used = {name: int(n) if per_class <= 0 else int(min(n, per_class)) for name, n in zip(split.class_names, counts)}
+    short = [name for name, n in used.items() if per_class > 0 and n < per_class]
+    return {"requested": int(per_class), "per_class": used, "fewer_than_requested": short}
+
+
 def finetune_target(
     target: str, params: Params, root: Path, sink_factory=None
-) -> tuple[dict[str, FinetuneResult], str, str]:
-    """Fine-tune every configured method on one target; returns (results, chosen, reason)."""
+) -> tuple[dict[str, FinetuneResult], str, str, dict[str, Any]]:
+    """Fine-tune every configured method on one target.
+
+    Each method's loop reports progress (a bar at a terminal, a log line every
+    10 % otherwise: `metatransfer.progress`). A class with fewer labelled
+    images than finetune.shots_per_class is fine-tuned on all it has, with a
+    warning naming it.
+
+    Returns:
+        (results per method, chosen method, reason, shots used: see `shots_used`).
+    """
+    from metatransfer.progress import progress, progress_sink
+
     f: FinetuneParams = params.finetune  # type: ignore[assignment]
     prepared = root / params.data.prepared_dir
     train = load_split(prepared, target, "train")
     val = load_split(prepared, target, "val")
+    shots = shots_used(train, f.shots_per_class)
+    if shots["fewer_than_requested"]:
+        log.warning("%s: finetune.shots_per_class is %d but %d of %d classes have fewer labelled train images; "
+                    "fine-tuning uses all they have: %s", target, f.shots_per_class, len(shots["fewer_than_requested"]),
+                    len(train.class_names),
+                    ", ".join(f"{c} ({shots['per_class'][c]})" for c in shots["fewer_than_requested"]))
     train_x, train_y = per_class_subset(train, f.shots_per_class, params.seed)
     val_x, val_y = per_class_subset(val, f.val_per_class, params.seed + 1)
     from metatransfer import runtime
@@ -82,12 +118,15 @@ def finetune_target(
             "data": [split_fingerprint(train), split_fingerprint(val)],
             "code": code_digest(("training", "models", "stages/finetune.py")),
         }))
-        results[method] = finetune(learner, train_x, train_y, val_x, val_y, list(train.class_names), settings,
-                                   params.seed, sink, checkpoint=ckpt)
+        with progress(f.steps, f"finetune {target}/{method}", unit="step") as bar:
+            # Early stopping may end the loop before f.steps: the closing line says where.
+            shown = progress_sink(bar, "finetune/loss", sink, show={"finetune/loss": "loss", "finetune/val_acc": "val_acc"})
+            results[method] = finetune(learner, train_x, train_y, val_x, val_y, list(train.class_names), settings,
+                                       params.seed, shown, checkpoint=ckpt)
         log.info("%s/%s: val acc %.4f (best step %d of %d)", target, method, results[method].val_acc,
                  results[method].best_step, results[method].steps_done)
     chosen, reason = select_method({m: r.val_acc for m, r in results.items()}, f.force_method)
-    return results, chosen, reason
+    return results, chosen, reason, shots
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
@@ -113,9 +152,11 @@ def run(params: Params, root: Path) -> dict[str, Any]:
                     mlflow.log_metric(f"{target}/{method}/{name}", float(value), step=step)
                 return sink
 
-            results, chosen, reason = finetune_target(target, params, root, sink_factory)
+            results, chosen, reason, shots = finetune_target(target, params, root, sink_factory)
             tracking.log_class_names(target, results[chosen].model.class_names)  # tag + classes/<target>.json
-            entry: dict[str, Any] = {"chosen": chosen, "reason": reason, "methods": {}}
+            tracking.log_params({f"{target}/shots_used": json.dumps(shots["per_class"], sort_keys=True)})
+            tracking.log_metrics({f"{target}/shots_min": min(shots["per_class"].values(), default=0)})
+            entry: dict[str, Any] = {"chosen": chosen, "reason": reason, "shots": shots, "methods": {}}
             for method, r in results.items():
                 sums = save_target_model(r.model, out / target / method, extra={"val_acc": r.val_acc, "best_step": r.best_step})
                 gate = registry.target_gate(r.val_correct, r.val_n, r.val_chance, params)
