@@ -134,8 +134,9 @@ def timed(fn, *a, **kw) -> tuple[Any, float, float]:
     return out, time.perf_counter() - w0, time.process_time() - c0
 
 
-def train_learners(params: Params, work: Path, reuse: bool) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """Pre-train, then meta-train every learner of `META`; cached under `work/models`."""
+def train_learners(params: Params, work: Path, reuse: bool,
+                   needed: set[str] | None = None) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """Pre-train, then meta-train the learners of `META` in `needed` (all: None); cached under `work/models`."""
     records_file = work / "training.json"
     records: dict[str, Any] = json.loads(records_file.read_text()) if reuse and records_file.exists() else {}
     learners: dict[str, nn.Module] = {}
@@ -156,6 +157,8 @@ def train_learners(params: Params, work: Path, reuse: bool) -> tuple[dict[str, n
               f"{params.pretrain.n_way}-way {params.pretrain.k_shot}-shot centroid acc {result.best_val_acc:.4f} "
               f"(step {result.best_step})", flush=True)
     for name, (algorithm, init) in META.items():
+        if needed is not None and name not in needed:
+            continue
         folder = work / "models" / "meta" / name
         if reuse and folder.is_dir():
             learners[name] = load_learner(folder)
@@ -249,15 +252,17 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     print(f"natural_to_medical: {args.image_size} px, pretrain {params.pretrain.steps} steps, meta_train "
           f"{params.meta_train.steps} steps, {args.episodes} episodes, load {load_start:.2f}", flush=True)
-    learners, training = train_learners(params, work, args.reuse)
+    needed = {("protonet" if m == "pmf" else m) for m in methods}
+    learners, training = train_learners(params, work, args.reuse, needed)
     torch.manual_seed(params.seed)
     scratch = build_algorithm("scratch", backbone_spec(params), params.meta_train.n_way,
                               params.meta_train.hparams.get("scratch"))
-    models: dict[str, nn.Module] = {
-        "scratch": scratch, "baselinepp": learners["baselinepp"], "protonet_scratch": learners["protonet_scratch"],
-        "protonet": learners["protonet"], "pmf": PMF(learners["protonet"], pmf_settings, params.seed),
-        "anil": learners["anil"]}
-    models = {m: models[m] for m in methods}
+    models: dict[str, nn.Module] = {"scratch": scratch, "baselinepp": learners["baselinepp"]}
+    for m in methods:
+        if m == "pmf":
+            models[m] = PMF(learners["protonet"], pmf_settings, params.seed)
+        elif m not in models:
+            models[m] = learners[m]
     w_eval, c_eval = time.perf_counter(), time.process_time()
     loads = [os.getloadavg()[0]]
 
