@@ -236,6 +236,16 @@ def client_for(root: str | Path):
     return MlflowClient(tracking.tracking_uri(root))
 
 
+def _require_challenger(client: Any, name: str, root: Path) -> Any:
+    """The version behind `challenger`, or a RegistryError saying how to get one."""
+    challenger = _alias_version(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(
+            f"{name}: no version with alias '{CHALLENGER}' in {tracking.tracking_uri(root)}; "
+            "run the pipeline (`dvc repro` or the `pipeline` flow) so `finetune` registers one")
+    return challenger
+
+
 def _alias_version(client: Any, name: str, alias: str) -> Any | None:
     """The ModelVersion behind `name@alias`, or None when the model or alias does not exist."""
     from mlflow.exceptions import MlflowException
@@ -643,11 +653,7 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
     settings.check()
     client = client_for(root)
     name = model_name(target)
-    challenger = _alias_version(client, name, CHALLENGER)
-    if challenger is None:
-        raise RegistryError(
-            f"{name}: no version with alias '{CHALLENGER}' in {tracking.tracking_uri(root)}; "
-            "run the pipeline (`dvc repro` or the `pipeline` flow) so `finetune` registers one")
+    challenger = _require_challenger(client, name, root)
     champion = _alias_version(client, name, CHAMPION)
     cv = str(challenger.version)
     before = str(champion.version) if champion is not None else None
@@ -797,11 +803,7 @@ def force_promote(root: str | Path, target: str, reason: str, parent_run_id: str
     root = Path(root).resolve()
     client = client_for(root)
     name = model_name(target)
-    challenger = _alias_version(client, name, CHALLENGER)
-    if challenger is None:
-        raise RegistryError(
-            f"{name}: no version with alias '{CHALLENGER}' in {tracking.tracking_uri(root)}; "
-            "run the pipeline (`dvc repro` or the `pipeline` flow) so `finetune` registers one")
+    challenger = _require_challenger(client, name, root)
     cv = str(challenger.version)
     champion = _alias_version(client, name, CHAMPION)
     before = str(champion.version) if champion is not None else None

@@ -70,6 +70,20 @@ def default_body_limit(schema: Any) -> int:
     return int(min(max(limit, MIN_DEFAULT_BODY_BYTES), MAX_DEFAULT_BODY_BYTES))
 
 
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI `receive` that hands the already-read `body` once, then defers to the original."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 def _prefix(text: str, n: int = ECHO_CHARS) -> str:
     """`text` cut to `n` characters, newlines flattened, with how much was left out."""
     flat = " ".join(text.split())
@@ -172,16 +186,7 @@ class BodyLimit:
                 break
         body = b"".join(chunks)
         chunks.clear()
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replay(body, receive), send)
 
 
 class ReasonFirst:
@@ -314,16 +319,7 @@ class ImageInputs:
             scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers") or []
                                           if k.lower() not in (b"content-type", b"content-length")]
                      + [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replay(body, receive), send)
 
     def _images(self, content_type: str, body: bytes) -> Any:
         """The preprocessed images of an image request (float32 array), or None for any other request."""
