@@ -238,6 +238,8 @@ def client_for(root: str | Path):
 
 def _require_challenger(client: Any, name: str, root: Path) -> Any:
     """The version behind `challenger`, or a RegistryError saying how to get one."""
+    from metatransfer import tracking
+
     challenger = _alias_version(client, name, CHALLENGER)
     if challenger is None:
         raise RegistryError(
