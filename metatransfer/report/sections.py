@@ -117,17 +117,29 @@ def _references(test_counts: list[int], names: list[str], short: list[str], weak
 
 
 def _counts_view(counts: ClassCounts | None, names: list[str], short: list[str],
-                 test_counts: list[int] | None) -> dict[str, Any] | None:
-    """Images per class and split: the prepared manifest's train/val/test, else evaluate.json's test counts."""
+                 test_counts: list[int] | None, shots: Any = None) -> dict[str, Any] | None:
+    """Images per class and split (the prepared manifest's train/val/test, else evaluate.json's test
+    counts), plus the train images fine-tuning used per class (selection.json `shots`) when recorded."""
     if counts is not None:
         names, short, splits, source = counts.class_names, display_names(counts.class_names), counts.splits, "manifest"
     elif test_counts and len(test_counts) == len(names):
         splits, source = {"test": test_counts}, "evaluate"
     else:
         return None
-    rows = [{"name": n, "short": s, "counts": [splits[sp][i] for sp in splits]}
+    columns = {sp: list(v) for sp, v in splits.items()}
+    used = shots.get("per_class") if isinstance(shots, dict) else None
+    short_of = set(shots.get("fewer_than_requested") or ()) if isinstance(shots, dict) else set()
+    if isinstance(used, dict) and used:
+        columns[FINETUNED_COLUMN] = [int(used.get(n, 0)) for n in names]
+    rows = [{"name": n, "short": s, "counts": [columns[c][i] for c in columns], "short_of_request": n in short_of}
             for i, (n, s) in enumerate(zip(names, short))]
-    return {"splits": list(splits), "rows": rows, "totals": [sum(v) for v in splits.values()], "source": source}
+    return {"splits": list(columns), "rows": rows, "totals": [sum(v) for v in columns.values()], "source": source,
+            "requested": shots.get("requested") if isinstance(shots, dict) else None,
+            "fewer": [s for n, s in zip(names, short) if n in short_of]}
+
+
+# The counts table's column of the train images fine-tuning took per class (selection.json `shots`).
+FINETUNED_COLUMN = "fine-tuned on"
 
 
 def _caps_text(caps: dict[str, int]) -> str:
@@ -205,7 +217,7 @@ def target_cards(inp: ReportInputs) -> list[dict[str, Any]]:
             "rows": _method_rows(methods, chosen, mark, names, short, weakest),
             "references": _references(test_counts, names, short, weakest) if test_counts else None,
             "evaluated": bool(tev),
-            "counts": _counts_view(counts, names, short, test_counts),
+            "counts": _counts_view(counts, names, short, test_counts, sel.get("shots")),
             "caps": _caps_text(inp.finetune_caps),
             "recall": _per_class_table(methods, chosen, mark, names, short, tev.get("class_counts")),
             "confusion": _confusion_table(tev.get("confusion"), names, short),
