@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,6 @@ from metatransfer.data import sources
 from metatransfer.data.sources import DATASETS, fetch, get_source, resolve_mirror, verify_file
 from metatransfer.errors import ChecksumError, DataError
 
-MIRROR = Path(os.environ.get("METATRANSFER_MIRROR") or Path(__file__).resolve().parents[2].parent / "shared" / "datasets")
-needs_mirror = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"dataset mirror not found at {MIRROR}")
 
 
 def test_registry_entries_are_complete() -> None:
@@ -42,25 +42,23 @@ def test_breastmnist_accepts_official_md5_and_mirror_copy() -> None:
     assert "(N,) labels" in notes["sha256"]
 
 
-@needs_mirror
-def test_fetch_from_mirror_verifies_and_skips_present(tmp_path: Path) -> None:
-    paths = fetch("breastmnist", tmp_path, str(MIRROR))
+def test_fetch_from_mirror_verifies_and_skips_present(tmp_path: Path, mirror: Path) -> None:
+    paths = fetch("breastmnist", tmp_path, str(mirror))
     assert paths == [tmp_path / "breastmnist" / "breastmnist.npz"]
     # the mirror copy matches its own provenance entry, not the official MD5
     assert "(N,) labels" in verify_file(paths[0], DATASETS["breastmnist"].files[0]).note
     before = paths[0].stat().st_mtime_ns
     os.utime(paths[0], ns=(before - 10**9, before - 10**9))
-    fetch("breastmnist", tmp_path, str(MIRROR))
+    fetch("breastmnist", tmp_path, str(mirror))
     assert paths[0].stat().st_mtime_ns == before - 10**9  # skipped, not rewritten
 
 
-@needs_mirror
-def test_present_file_with_wrong_checksum_is_replaced(tmp_path: Path) -> None:
+def test_present_file_with_wrong_checksum_is_replaced(tmp_path: Path, mirror: Path) -> None:
     dest = tmp_path / "kmnist" / "kmnist-test-labels.npz"
     dest.parent.mkdir(parents=True)
     dest.write_bytes(b"stale")
-    fetch("kmnist", tmp_path, MIRROR)
-    assert dest.read_bytes() == (MIRROR / "kmnist" / "kmnist-test-labels.npz").read_bytes()
+    fetch("kmnist", tmp_path, mirror)
+    assert dest.read_bytes() == (mirror / "kmnist" / "kmnist-test-labels.npz").read_bytes()
 
 
 def _fake_mirror(tmp_path: Path, content: bytes) -> Path:
@@ -104,3 +102,18 @@ def test_env_overrides_mirror_param(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert resolve_mirror("rel/mirror", tmp_path) == (tmp_path / "env").resolve()
     monkeypatch.setenv(sources.MIRROR_ENV, "")
     assert resolve_mirror("rel/mirror", tmp_path) is None  # set but empty: download
+
+
+def test_a_missing_mirror_fails_the_tests_that_need_it(tmp_path: Path, project_root: Path) -> None:
+    """One rule for data (tests/conftest.py's `mirror`): without the mirror, a test that needs it
+    fails with where the mirror is expected and how to point at it; it never skips (CI goes red)."""
+    missing = tmp_path / "nowhere"
+    env = dict(os.environ, METATRANSFER_MIRROR=str(missing))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "tests/unit/test_data_sources.py::test_present_file_with_wrong_checksum_is_replaced"],
+                          cwd=project_root, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "1 error" in out and "skipped" not in out, out[-3000:]
+    assert (f"dataset mirror not found at {missing} (expected {missing}/omniglot/images_background.npz there). "
+            f"Put the mirror at {project_root.parent / 'shared' / 'datasets'} or set "
+            f"METATRANSFER_MIRROR=/path/to/datasets, then re-run.") in out, out[-3000:]

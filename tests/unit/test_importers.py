@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,16 @@ from metatransfer.data import importers as imp
 from metatransfer.data.prepare import convert_batch, pixel_hashes
 from metatransfer.errors import DataError
 
-MIRROR = Path(os.environ.get("METATRANSFER_MIRROR") or Path(__file__).resolve().parents[2].parent / "shared" / "datasets")
-needs_mirror = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"dataset mirror not found at {MIRROR}")
-SMALL = [MIRROR / "omniglot/official_small/images_background_small1.zip",
-         MIRROR / "omniglot/official_small/images_background_small2.zip"]
+
+def small_zips(mirror: Path) -> list[Path]:
+    """The official `images_background_small{1,2}.zip` of the mirror."""
+    return [mirror / "omniglot/official_small/images_background_small1.zip",
+            mirror / "omniglot/official_small/images_background_small2.zip"]
 
 
 # --------------------------------------------------------------------------- real files
-@needs_mirror
-def test_official_small_zips() -> None:
-    data = imp.import_omniglot_zips(SMALL, "omniglot_small")
+def test_official_small_zips(mirror: Path) -> None:
+    data = imp.import_omniglot_zips(small_zips(mirror), "omniglot_small")
     # small1 (2720) + small2 (3120) share Greek and Latin (1000 files), imported once
     assert len(data.meta) == 4840 and not data.quarantine
     assert data.meta["class"].nunique() == 242
@@ -32,9 +31,8 @@ def test_official_small_zips() -> None:
     assert (data.meta[["orig_height", "orig_width"]] == 105).all().all()
 
 
-@needs_mirror
-def test_omniglot_npz_names_order_and_zip_equivalence() -> None:
-    om = MIRROR / "omniglot"
+def test_omniglot_npz_names_order_and_zip_equivalence(mirror: Path) -> None:
+    om = mirror / "omniglot"
     data = imp.import_omniglot_npz(om / "images_background.npz", om / "images_evaluation.npz",
                                    om / "character_index.csv")
     assert len(data.meta) == 32460 and len(data.class_order) == 1623
@@ -46,7 +44,7 @@ def test_omniglot_npz_names_order_and_zip_equivalence() -> None:
     rows = np.flatnonzero(data.meta["class"] == f"omniglot/{cls}")
     bg = data.batches[0].data[rows]
     npz = convert_batch(imp.ImageBatch(bg, background_true=True), 28, 1)
-    z = imp.import_omniglot_zips(SMALL[:1], "omniglot_small")
+    z = imp.import_omniglot_zips(small_zips(mirror)[:1], "omniglot_small")
     zrows = np.flatnonzero(z.meta["class"] == f"omniglot_small/{cls}")
     zip_img = convert_batch(imp.ImageBatch(z.batches[0].data[zrows], background_true=True), 28, 1)
     assert sorted(pixel_hashes(npz)) == sorted(pixel_hashes(zip_img))
@@ -54,27 +52,25 @@ def test_omniglot_npz_names_order_and_zip_equivalence() -> None:
     assert np.median(npz) == 0 and npz.max() == 255
 
 
-@needs_mirror
-def test_medmnist_both_label_shapes() -> None:
-    retina = imp.import_medmnist(MIRROR / "medmnist/retinamnist.npz", "retinamnist", 5)  # labels (N, 1), RGB
+def test_medmnist_both_label_shapes(mirror: Path) -> None:
+    retina = imp.import_medmnist(mirror / "medmnist/retinamnist.npz", "retinamnist", 5)  # labels (N, 1), RGB
     assert retina.meta["origin"].value_counts().to_dict() == {"train": 1080, "test": 400, "val": 120}
     assert retina.batches[0].data.shape == (1080, 28, 28, 3) and set(retina.meta["orig_channels"]) == {3}
-    breast = imp.import_medmnist(MIRROR / "medmnist/breastmnist.npz", "breastmnist", 2)  # labels (N,), grey
+    breast = imp.import_medmnist(mirror / "medmnist/breastmnist.npz", "breastmnist", 2)  # labels (N,), grey
     assert len(breast.meta) == 780 and breast.batches[0].data.shape[-1] == 1
     assert sorted(breast.meta["class"].unique()) == ["breastmnist/malignant", "breastmnist/normal, benign"]
 
 
-@needs_mirror
 @pytest.mark.parametrize("name, n_classes", [("breastmnist", 2), ("retinamnist", 5)])
-def test_medmnist_class_names_are_the_official_labels_in_label_order(name: str, n_classes: int) -> None:
+def test_medmnist_class_names_are_the_official_labels_in_label_order(mirror: Path, name: str, n_classes: int) -> None:
     import json
 
-    info = json.loads((MIRROR / f"medmnist/{name}.INFO.json").read_text())["label"]
-    data = imp.import_medmnist(MIRROR / f"medmnist/{name}.npz", name, n_classes)
+    info = json.loads((mirror / f"medmnist/{name}.INFO.json").read_text())["label"]
+    data = imp.import_medmnist(mirror / f"medmnist/{name}.npz", name, n_classes)
     assert data.class_order == tuple(f"{name}/{info[str(i)]}" for i in range(n_classes))
     # The store numbers classes in sorted name order: that must be the npz's own label order.
     assert sorted(data.class_order) == list(data.class_order)
-    npz = np.load(MIRROR / f"medmnist/{name}.npz")
+    npz = np.load(mirror / f"medmnist/{name}.npz")
     labels = np.concatenate([npz[f"{s}_labels"].reshape(-1) for s in ("train", "val", "test")])
     stored = data.meta["class"].map({c: i for i, c in enumerate(sorted(data.class_order))}).to_numpy()
     np.testing.assert_array_equal(stored, labels)
@@ -88,9 +84,8 @@ def test_medmnist_names_fall_back_to_numbers_when_unknown_or_out_of_order(monkey
     assert imp.medmnist_class_names("breastmnist", 3)[0] == "breastmnist/00"  # count disagrees with the names
 
 
-@needs_mirror
-def test_kmnist() -> None:
-    data = imp.import_kmnist(MIRROR / "kmnist/kmnist-test-imgs.npz", MIRROR / "kmnist/kmnist-test-labels.npz")
+def test_kmnist(mirror: Path) -> None:
+    data = imp.import_kmnist(mirror / "kmnist/kmnist-test-imgs.npz", mirror / "kmnist/kmnist-test-labels.npz")
     assert data.meta["class"].value_counts().tolist() == [1000] * 10
 
 

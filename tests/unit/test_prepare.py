@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,6 @@ from metatransfer.data.sources import fetch
 from metatransfer.data.store import load_manifest
 from metatransfer.errors import DataError
 
-MIRROR = Path(os.environ.get("METATRANSFER_MIRROR") or Path(__file__).resolve().parents[2].parent / "shared" / "datasets")
-needs_mirror = pytest.mark.skipif(not MIRROR.is_dir(), reason=f"dataset mirror not found at {MIRROR}")
-
 
 def params(**kw) -> PrepareParams:
     base = dict(image_size=28, channels=1, omniglot_protocol="background_evaluation", meta_val_classes=10)
@@ -29,12 +25,10 @@ def params(**kw) -> PrepareParams:
 
 
 @pytest.fixture(scope="module")
-def raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not MIRROR.is_dir():
-        pytest.skip(f"dataset mirror not found at {MIRROR}")
+def raw(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> Path:
     raw = tmp_path_factory.mktemp("raw")
     for name in ("omniglot_small", "breastmnist", "retinamnist"):
-        fetch(name, raw, MIRROR)
+        fetch(name, raw, mirror)
     return raw
 
 
@@ -57,7 +51,6 @@ def _tree(root: Path, spec: dict[str, int], size: int = 32, k: int = 0) -> Path:
 
 
 # --------------------------------------------------------------------------- real data
-@needs_mirror
 def test_layout_splits_and_report(prepared: Path) -> None:
     assert sorted(p.name for p in prepared.iterdir()) == ["breastmnist", "omniglot_small", "quarantine.csv",
                                                           "report.json", "retinamnist"]
@@ -74,7 +67,6 @@ def test_layout_splits_and_report(prepared: Path) -> None:
     assert report["datasets"]["breastmnist"]["splits"]["test"] == {"images": 156, "classes": 2}
 
 
-@needs_mirror
 def test_real_breastmnist_duplicate_dropped_from_train_and_test_intact(prepared: Path) -> None:
     q = pd.read_csv(prepared / "quarantine.csv")
     row = q[q["dataset"] == "breastmnist"]
@@ -85,7 +77,6 @@ def test_real_breastmnist_duplicate_dropped_from_train_and_test_intact(prepared:
     assert m.groupby("pixel_hash")["split"].nunique().max() == 1
 
 
-@needs_mirror
 def test_same_seed_same_manifest_other_seed_other_meta_val(raw: Path, prepared: Path, tmp_path: Path) -> None:
     prep.prepare(params(), ("omniglot_small",), raw, tmp_path / "a", seed=0)
     prep.prepare(params(), ("omniglot_small",), raw, tmp_path / "b", seed=1)
@@ -96,7 +87,6 @@ def test_same_seed_same_manifest_other_seed_other_meta_val(raw: Path, prepared: 
     assert set(a.loc[a["split"] == "meta_val", "class"]) != set(b.loc[b["split"] == "meta_val", "class"])
 
 
-@needs_mirror
 def test_vinyals_protocol_and_too_many_meta_val(raw: Path, tmp_path: Path) -> None:
     r = prep.prepare(params(omniglot_protocol="vinyals", meta_val_classes=5), ("omniglot_small",), raw, tmp_path / "v", 0)
     # 242 classes < 1200: all meta-train (minus meta-val), none meta-test
@@ -106,11 +96,10 @@ def test_vinyals_protocol_and_too_many_meta_val(raw: Path, tmp_path: Path) -> No
         prep.prepare(params(meta_val_classes=500), ("omniglot_small",), raw, tmp_path / "w", 0)
 
 
-@needs_mirror
 @pytest.mark.slow
-def test_full_omniglot_background_evaluation_and_vinyals(tmp_path: Path) -> None:
+def test_full_omniglot_background_evaluation_and_vinyals(tmp_path: Path, mirror: Path) -> None:
     raw = tmp_path / "raw"
-    fetch("omniglot", raw, MIRROR)
+    fetch("omniglot", raw, mirror)
     r = prep.prepare(params(meta_val_classes=100), ("omniglot",), raw, tmp_path / "be", 0)
     s = r.datasets["omniglot"]["splits"]
     assert (s["meta_train"]["classes"], s["meta_val"]["classes"], s["meta_test"]["classes"]) == (864, 100, 659)
