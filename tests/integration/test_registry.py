@@ -66,16 +66,30 @@ def test_decide_needs_margin_and_an_interval_above_zero() -> None:
 
 
 def test_gate_settings_refuse_bad_values() -> None:
-    with pytest.raises(registry.RegistryError, match="promote.confidence"):
+    with pytest.raises(registry.RegistryError, match=r"promote.confidence: must be in \(0, 1\), found 1.5"):
         registry.gate_settings(confidence=1.5)
-    with pytest.raises(registry.RegistryError, match="promote.margin"):
+    with pytest.raises(registry.RegistryError, match=r"promote.margin: must be >= 0 \(a minimum gain\), found -0.1"):
         registry.gate_settings(margin=-0.1)
     assert registry.gate_settings(None, margin=None, n_episodes=10).n_episodes == 10  # None = unset flag
-    # params.yaml's `promote` section (when config has one) and `seed`, then CLI flags on top.
-    from types import SimpleNamespace
 
-    params = SimpleNamespace(seed=3, promote=SimpleNamespace(margin=0.02, confidence=0.9, n_episodes=10, baseline="baselinepp"))
-    assert registry.gate_settings(params, n_episodes=12, margin=None) == registry.GateSettings(0.02, 0.9, 12, "baselinepp", 3)
+
+def test_gate_settings_come_from_the_params_file_then_the_flags(tmp_path: Path, project_root: Path) -> None:
+    """params.yaml's `promote` section and `seed`, loaded by the real config loader, then CLI flags on top."""
+    from metatransfer.config import load_params
+
+    raw = yaml.safe_load((project_root / "params.yaml").read_text())
+    raw["seed"] = 3
+    raw["promote"].update(margin=0.02, confidence=0.9, n_episodes=10, baseline="pretrain")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "params.yaml")
+    assert registry.gate_settings(params) == registry.GateSettings(
+        margin=0.02, confidence=0.9, n_episodes=10, baseline="pretrain", seed=3)
+    assert registry.gate_settings(params, n_episodes=12, margin=None) == registry.GateSettings(
+        margin=0.02, confidence=0.9, n_episodes=12, baseline="pretrain", seed=3)
+    # A params file without a `promote` section: the code defaults, with the file's seed.
+    del raw["promote"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert registry.gate_settings(load_params(tmp_path / "params.yaml")) == registry.GateSettings(seed=3)
 
 
 def test_promote_task_retries_registry_io_only() -> None:
