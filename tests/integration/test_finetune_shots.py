@@ -55,6 +55,7 @@ def tiny_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return project
 
 
+@pytest.mark.slow  # ~20 s on two cores: a real finetune stage run
 def test_finetune_records_the_shots_used_warns_and_reports_progress(tiny_target: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     from mlflow.tracking import MlflowClient

@@ -4,16 +4,20 @@ at registration (no MLflow call is made for it)."""
 from __future__ import annotations
 
 import math
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from metatransfer import quality, registry
 from metatransfer.algorithms import build_algorithm
+from metatransfer.config import load_params
 from metatransfer.models import BackboneSpec
 from metatransfer.training.finetune import FinetuneSettings, finetune
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_majority_rate_is_the_constant_classifiers_accuracy() -> None:
@@ -51,8 +55,20 @@ def test_learner_quality_needs_the_episode_ci_above_one_over_n_way() -> None:
     assert quality.learner_quality([0.5, 0.5, 0.5], 5, 0.95).passed  # zero spread: the mean decides
 
 
+def _params(**promote: object):
+    """The repository's params.yaml with `promote` keys changed, through the real loader."""
+    import tempfile
+
+    raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    raw.setdefault("promote", {}).update(confidence=0.95, **promote)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return load_params(path)
+
+
 def test_the_gate_can_be_switched_off_and_says_so() -> None:
-    params = types.SimpleNamespace(promote=types.SimpleNamespace(confidence=0.95, quality_gate=False))
+    params = _params(quality_gate=False)
     verdict = quality.target_gate(10, 50, 0.2, params)
     assert verdict.passed and verdict.test == "off" and verdict.reason.startswith("quality gate off")
 
@@ -70,7 +86,7 @@ def test_a_starved_model_is_refused_at_registration(caplog) -> None:
     result = finetune(learner, x[:5], y[:5], vx, vy, [f"c{i}" for i in range(5)],
                       FinetuneSettings(steps=0, lr=1e-3, batch_size=5, train_layers="all", eval_every=1, patience=0),
                       seed=0)
-    params = types.SimpleNamespace(promote=types.SimpleNamespace(confidence=0.95, quality_gate=True))
+    params = _params(quality_gate=True)
     gate = quality.target_gate(result.val_correct, result.val_n, result.val_chance, params)
     assert result.val_n == 100 and result.val_chance == pytest.approx(0.2) and not gate.passed
     entry = {"chosen": "protonet", "reason": "highest target validation accuracy",
