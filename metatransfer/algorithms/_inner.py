@@ -31,14 +31,15 @@ next one is built.
 from __future__ import annotations
 
 import copy
-from collections.abc import Collection, Mapping, Sequence
+from abc import abstractmethod
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metatransfer.algorithms.base import Hparams, MetaLearner
+from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor
 from metatransfer.episodes import Episode
 from metatransfer.errors import EpisodeError
 from metatransfer.models import BackboneSpec, build_backbone
@@ -143,6 +144,47 @@ def sgd_step(
     return out
 
 
+def sgd_steps(
+    params: Mapping[str, torch.Tensor],
+    loss_of: Callable[[Params], torch.Tensor],
+    steps: int,
+    lr: StepSize,
+    create_graph: bool,
+    names: Collection[str] | None = None,
+) -> Params:
+    """Run `steps` full-batch gradient steps on `loss_of(φ)`, functionally: the one
+    fast-weight loop of every gradient-based learner here.
+
+    With `create_graph=True` (second-order MAML, Meta-SGD) the returned fast
+    weights stay differentiable functions of `params` through every step,
+    including the Hessian-vector terms. With `create_graph=False` the inner
+    gradients are constants (first-order MAML): the result is still connected
+    to `params` by the identity, so the outer gradient w.r.t. `params` is the
+    query gradient at φ, exactly FOMAML's update direction.
+
+    Args:
+        params: starting weights θ by name (leaves that require grad, or
+            tensors derived from them).
+        loss_of: fast weights (all names) → scalar loss (e.g. the support
+            cross-entropy of a model run with them).
+        steps: number of steps (0 returns `params` unchanged).
+        lr: step size (float or per-name tensors).
+        create_graph: keep the graph of the inner gradients (second order).
+        names: the parameter names that move (default: all).
+
+    Returns:
+        The fast weights φ after `steps` steps (all names).
+    """
+    fast = dict(params)
+    moving = list(fast) if names is None else [n for n in fast if n in names]
+    for _ in range(steps):
+        grads = torch.autograd.grad(
+            loss_of(fast), [fast[n] for n in moving], create_graph=create_graph
+        )
+        fast = sgd_step(fast, dict(zip(moving, grads, strict=True)), lr)
+    return fast
+
+
 def adapt_sgd(
     model: nn.Module,
     params: Mapping[str, torch.Tensor],
@@ -153,37 +195,20 @@ def adapt_sgd(
     create_graph: bool,
     names: Collection[str] | None = None,
 ) -> Params:
-    """Run `steps` full-batch gradient steps on the support loss, functionally.
-
-    With `create_graph=True` (second-order MAML, Meta-SGD) the returned fast
-    weights stay differentiable functions of `params` through every step,
-    including the Hessian-vector terms. With `create_graph=False` the inner
-    gradients are constants (first-order MAML): the result is still connected
-    to `params` by the identity, so the outer gradient w.r.t. `params` is the
-    query gradient at φ, exactly FOMAML's update direction.
+    """`sgd_steps` on the support cross-entropy of `model` run with the fast weights.
 
     Args:
         model: module giving the structure.
-        params: starting weights θ by name (leaves that require grad, or
-            tensors derived from them).
+        params: starting weights θ by name.
         x, y: the support set.
-        steps: number of inner steps (0 returns `params` unchanged).
-        lr: inner step size (float or per-name tensors).
-        create_graph: keep the graph of the inner gradients (second order).
-        names: the parameter names that move (default: all).
+        steps, lr, create_graph, names: as in `sgd_steps`.
 
     Returns:
         The fast weights φ after `steps` steps (all names).
     """
-    fast = dict(params)
-    moving = list(fast) if names is None else [n for n in fast if n in names]
-    for _ in range(steps):
-        loss, _ = loss_and_logits(model, fast, x, y)
-        grads = torch.autograd.grad(
-            loss, [fast[n] for n in moving], create_graph=create_graph
-        )
-        fast = sgd_step(fast, dict(zip(moving, grads, strict=True)), lr)
-    return fast
+    return sgd_steps(
+        params, lambda fast: loss_and_logits(model, fast, x, y)[0], steps, lr, create_graph, names
+    )
 
 
 def adapt_head(
@@ -195,7 +220,7 @@ def adapt_head(
     lr: float,
     create_graph: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient steps on a linear head over fixed features (ANIL's inner loop).
+    """`sgd_steps` on a linear head over fixed features (ANIL's inner loop).
 
     The features are computed once by the caller; with `create_graph=True` the
     adapted head stays a differentiable function of the initial head *and* of
@@ -213,11 +238,46 @@ def adapt_head(
     Returns:
         The adapted (weight, bias).
     """
-    for _ in range(steps):
-        loss = F.cross_entropy(F.linear(features, weight, bias), y)
-        gw, gb = torch.autograd.grad(loss, (weight, bias), create_graph=create_graph)
-        weight, bias = weight - lr * gw, bias - lr * gb
-    return weight, bias
+    head = sgd_steps(
+        {"weight": weight, "bias": bias}, lambda p: head_loss(features, y, p), steps, lr, create_graph
+    )
+    return head["weight"], head["bias"]
+
+
+def head_loss(features: torch.Tensor, y: torch.Tensor, head: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the linear head {"weight", "bias"} on fixed features (B, D)."""
+    return F.cross_entropy(F.linear(features, head["weight"], head["bias"]), y)
+
+
+def sgd_detached(
+    params: Mapping[str, torch.Tensor],
+    loss_of: Callable[[Params], torch.Tensor],
+    steps: int,
+    lr: StepSize,
+    names: Collection[str] | None = None,
+) -> Params:
+    """Adaptation at evaluation time: `steps` plain SGD steps, no graph kept.
+
+    Each step starts from detached leaves, so memory does not grow with the
+    number of steps and nothing connects the result to `params`. Runs under
+    `torch.enable_grad()`, since evaluation code usually calls `adapt` inside
+    `torch.no_grad()`.
+
+    Args:
+        params: starting weights by name (not modified).
+        loss_of: fast weights (all names) → scalar loss.
+        steps: number of steps.
+        lr: step size (float or per-name tensors).
+        names: the parameter names that move (default: all).
+
+    Returns:
+        The adapted weights (all names; detached leaves).
+    """
+    with torch.enable_grad():
+        fast = detached(params)
+        for _ in range(steps):
+            fast = detached(sgd_steps(fast, loss_of, 1, lr, create_graph=False, names=names))
+    return fast
 
 
 def freeze_with(model: Classifier, params: Mapping[str, torch.Tensor]) -> Classifier:
@@ -302,8 +362,10 @@ def check_episodes(episodes: Sequence[Episode], n_way: int, algorithm: str) -> N
 class GradientLearner(MetaLearner):
     """Common base of the gradient-based learners: a `Classifier` θ in `self.model`.
 
-    Subclasses implement `meta_learn` and `adapt`; this class only builds the
-    model with per-batch BatchNorm and provides `device` and `forward`.
+    Subclasses implement `meta_learn` and `adapted_weights`; this class builds
+    the model with per-batch BatchNorm and gives the one `adapt` of the family
+    (a working copy of θ, adapted weights, a frozen predictor), `device` and
+    `forward`.
     """
 
     track_running_stats = False
@@ -327,3 +389,37 @@ class GradientLearner(MetaLearner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the un-adapted θ on a batch (B, n_way)."""
         return self.model(x)
+
+    def adapt(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        n_way: int,
+        unlabeled_x: torch.Tensor | None = None,
+    ) -> Predictor:
+        """Adapt a copy of θ to the support set by the learner's `adapted_weights`.
+
+        A support set with a different number of ways than `self.n_way` gets a
+        fresh zero-initialised head (see `working_copy`). Runs with gradients
+        enabled even inside `torch.no_grad()`; θ is not modified.
+
+        Args:
+            support_x, support_y: the labelled support set (labels 0..n_way-1).
+            n_way: number of classes.
+            unlabeled_x: ignored (not transductive beyond BatchNorm statistics).
+
+        Returns:
+            A frozen classifier (images → logits) holding the adapted weights.
+        """
+        work = working_copy(self.model, n_way)
+        fast = self.adapted_weights(work, support_x.to(self.device), support_y.to(self.device))
+        return freeze_with(work, fast)
+
+    @abstractmethod
+    def adapted_weights(self, work: Classifier, x: torch.Tensor, y: torch.Tensor) -> Params:
+        """The weights (all names of `work`) adapted to the support set (x, y).
+
+        Args:
+            work: the working copy of θ (its head has the support set's n_way).
+            x, y: the support set on `self.device`.
+        """

@@ -17,16 +17,13 @@ paper does. BatchNorm uses per-batch statistics (see `_inner.py`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from metatransfer.algorithms import _inner
-from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
+from metatransfer.algorithms.base import Hparams
 from metatransfer.algorithms.maml import MAML
-from metatransfer.episodes import Episode
 
 
 @dataclass(frozen=True)
@@ -53,74 +50,38 @@ class ANIL(MAML):
     hparams_class = ANILHparams
     hparams: ANILHparams  # type: ignore[assignment]
 
-    def meta_learn(self, episodes: Sequence[Episode]) -> StepResult:
-        """Accumulate the meta-gradient (backbone and head) of the mean query loss.
+    def _task_fast_weights(
+        self, params: _inner.Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> _inner.Params:
+        """θ with the head adapted on the support features (graph kept to θ, backbone included).
 
-        Args:
-            episodes: the meta-batch; every episode must be `self.n_way`-way.
-
-        Returns:
-            Mean query loss and accuracy with the adapted heads.
+        The support features are computed once; MAML's `meta_learn` then runs
+        the query set through θ's backbone and the adapted head.
         """
-        _inner.check_episodes(episodes, self.n_way, self.name)
-        head = self.model.head
-        n_tasks = len(episodes)
-        total_loss = total_acc = 0.0
-        for ep in episodes:
-            sx, sy, qx, qy = _inner.episode_tensors(ep, self.device)
-            weight, bias = _inner.adapt_head(
-                self.model.backbone(sx),
-                sy,
-                head.weight,
-                head.bias,
-                steps=self.hparams.inner_steps,
-                lr=self.hparams.inner_lr,
-                create_graph=not self.hparams.first_order,
-            )
-            logits = F.linear(self.model.backbone(qx), weight, bias)
-            loss = F.cross_entropy(logits, qy)
-            (loss / n_tasks).backward()
-            total_loss += loss.item()
-            total_acc += episode_accuracy(logits.detach(), qy)
-        return StepResult(loss=total_loss / n_tasks, acc=total_acc / n_tasks)
+        weight, bias = _inner.adapt_head(
+            self.model.backbone(support_x),
+            support_y,
+            params["head.weight"],
+            params["head.bias"],
+            steps=self.hparams.inner_steps,
+            lr=self.hparams.inner_lr,
+            create_graph=not self._first_order(),
+        )
+        return {**params, "head.weight": weight, "head.bias": bias}
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Fit a copy of the head by `eval_inner_steps` SGD steps; the backbone stays θ's.
+    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.Params:
+        """`eval_inner_steps` SGD steps on a copy of the head over fixed features; the backbone stays θ's.
 
         A different `n_way` than `self.n_way` starts from a zero head (see
-        `_inner.working_copy`). θ is not modified.
-
-        Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored.
-
-        Returns:
-            A frozen classifier (images → logits): θ's backbone and the adapted head.
+        `_inner.working_copy`).
         """
-        work = _inner.working_copy(self.model, n_way)
-        params = _inner.detached(_inner.parameters_of(work))
+        params = _inner.parameters_of(work)
         with torch.no_grad():
-            features = work.backbone(support_x.to(self.device))
-        with torch.enable_grad():
-            weight, bias = params["head.weight"], params["head.bias"]
-            for _ in range(self.hparams.eval_inner_steps):
-                weight, bias = _inner.adapt_head(
-                    features,
-                    support_y.to(self.device),
-                    weight,
-                    bias,
-                    steps=1,
-                    lr=self.hparams.inner_lr,
-                    create_graph=False,
-                )
-                weight = weight.detach().requires_grad_(True)
-                bias = bias.detach().requires_grad_(True)
-        params["head.weight"], params["head.bias"] = weight, bias
-        return _inner.freeze_with(work, params)
+            features = work.backbone(x)
+        head = _inner.sgd_detached(
+            {"weight": params["head.weight"], "bias": params["head.bias"]},
+            lambda fast: _inner.head_loss(features, y, fast),
+            self.hparams.eval_inner_steps,
+            self.hparams.inner_lr,
+        )
+        return {**params, "head.weight": head["weight"], "head.bias": head["bias"]}

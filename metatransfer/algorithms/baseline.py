@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _finetune, _metric
-from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor, StepResult, episode_accuracy
+from metatransfer.algorithms import _adapt, _finetune, _metric
+from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec, build_backbone
@@ -143,7 +143,7 @@ def require_hparam(ok: bool, algorithm: str, key: str, rule: str, value: object)
         raise ConfigError(f"meta_train.hparams.{algorithm}.{key}: must be {rule}, found {value!r}")
 
 
-class Baseline(MetaLearner):
+class Baseline(_adapt.SupportLearner):
     """Chen et al.'s Baseline: supervised pre-training, then a linear head per task.
 
     Attributes:
@@ -211,51 +211,33 @@ class Baseline(MetaLearner):
         loss.backward()
         return StepResult(loss=float(loss.detach()), acc=episode_accuracy(logits.detach(), targets))
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Fit a new `n_way` head on the support set (on a copy of the backbone).
+    def adapt_support(self, support: _adapt.Support) -> Predictor:
+        """Fit a new `n_way` head on the support set (on a copy of the backbone; inductive).
 
         Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored (Baseline is inductive).
+            support: the checked support set (`unlabeled_x` is not used).
 
         Returns:
             A `FeatureClassifier` (eval mode, frozen): images → logits (B, n_way).
         """
-        _metric.check_labels(support_y, n_way, f"{self.name} adapt support_y")
-        return self.fit_predictor(copy.deepcopy(self.backbone), support_x, support_y, n_way)
+        return self.fit_predictor(copy.deepcopy(self.backbone), support)
 
-    def fit_predictor(
-        self,
-        backbone: nn.Module,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-    ) -> _finetune.FeatureClassifier:
+    def fit_predictor(self, backbone: nn.Module, support: _adapt.Support) -> _finetune.FeatureClassifier:
         """Train a new head (and, with `finetune_backbone`, `backbone`) on the support set.
 
         Args:
             backbone: a copy owned by the caller (it is trained or frozen in place).
-            support_x, support_y: the labelled support set.
-            n_way: number of classes.
+            support: the checked support set.
 
         Returns:
             The predictor, in eval mode with every parameter frozen; its
             `fit_losses` holds the loss of every SGD step.
         """
         hp = self.hparams
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        x = support_x.to(device=device, dtype=dtype)
-        y = support_y.to(device)
+        x, y = support.x, support.y
         with _finetune.seeded(hp.seed):
-            head = self.make_head(self.backbone.out_dim, n_way)
-        head = head.to(device=device, dtype=dtype)
+            head = self.make_head(self.backbone.out_dim, support.n_way)
+        head = head.to(device=support.device, dtype=support.dtype)
 
         def sgd(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
             return torch.optim.SGD(

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from metatransfer.algorithms import _finetune, _metric
+from metatransfer.algorithms import _adapt, _finetune
 from metatransfer.algorithms.base import Hparams, Predictor
 from metatransfer.algorithms.baseline import Baseline, BaselineHparams
 
@@ -48,38 +48,26 @@ class BNAdapt(Baseline):
     hparams_class: ClassVar[type[Hparams]] = BNAdaptHparams
     transductive: ClassVar[bool] = True
 
-    def statistics_images(
-        self, support_x: torch.Tensor, unlabeled_x: torch.Tensor | None
-    ) -> torch.Tensor:
+    def statistics_images(self, support: _adapt.Support) -> torch.Tensor:
         """The target images whose statistics the adapted copy takes (see BNAdaptHparams)."""
         parts = []
-        if self.hparams.include_support or unlabeled_x is None or unlabeled_x.shape[0] == 0:
-            parts.append(support_x)
-        if unlabeled_x is not None and unlabeled_x.shape[0] > 0:
-            parts.append(unlabeled_x)
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        return torch.cat([p.to(device=device, dtype=dtype) for p in parts])
+        if self.hparams.include_support or support.unlabeled_x is None:
+            parts.append(support.x)
+        if support.unlabeled_x is not None:
+            parts.append(support.unlabeled_x)
+        return torch.cat(parts)
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
+    def adapt_support(self, support: _adapt.Support) -> Predictor:
         """Re-estimate BatchNorm statistics on the target images, then fit Baseline's head.
 
         Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: unlabelled target images (the queries); None uses
-                the support set alone.
+            support: the checked support set; its `unlabeled_x` (the queries)
+                give the statistics, the support images alone when it is None.
 
         Returns:
             A `FeatureClassifier` (eval mode, frozen) whose backbone carries
             the target statistics.
         """
-        _metric.check_labels(support_y, n_way, f"{self.name} adapt support_y")
         backbone = copy.deepcopy(self.backbone)
-        _finetune.reestimate_batchnorm(backbone, self.statistics_images(support_x, unlabeled_x))
-        return self.fit_predictor(backbone, support_x, support_y, n_way)
+        _finetune.reestimate_batchnorm(backbone, self.statistics_images(support))
+        return self.fit_predictor(backbone, support)

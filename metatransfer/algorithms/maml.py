@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from metatransfer.algorithms import _inner
-from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
+from metatransfer.algorithms.base import Hparams, StepResult, episode_accuracy
 from metatransfer.episodes import Episode
 
 
@@ -59,6 +59,14 @@ class MAML(_inner.GradientLearner):
     def _first_order(self) -> bool:
         return bool(self.hparams.first_order)
 
+    def inner_step_size(self) -> _inner.StepSize:
+        """The inner step size during meta-training (Meta-SGD: its learned α)."""
+        return self.hparams.inner_lr
+
+    def adapt_step_size(self, n_way: int) -> _inner.StepSize:
+        """The step size of `adapted_weights` for an `n_way`-class support set (no graph to θ)."""
+        return self.hparams.inner_lr
+
     def _task_fast_weights(
         self, params: _inner.Params, support_x: torch.Tensor, support_y: torch.Tensor
     ) -> _inner.Params:
@@ -69,7 +77,7 @@ class MAML(_inner.GradientLearner):
             support_x,
             support_y,
             steps=self.hparams.inner_steps,
-            lr=self.hparams.inner_lr,
+            lr=self.inner_step_size(),
             create_graph=not self._first_order(),
         )
 
@@ -98,35 +106,11 @@ class MAML(_inner.GradientLearner):
             total_acc += episode_accuracy(logits.detach(), qy)
         return StepResult(loss=total_loss / n_tasks, acc=total_acc / n_tasks)
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Fine-tune a copy of θ with `eval_inner_steps` SGD steps on the support set.
-
-        A support set with a different number of ways than `self.n_way` gets a
-        fresh zero-initialised head (see `_inner.working_copy`). Runs with
-        gradients enabled even inside `torch.no_grad()`; θ is not modified.
-
-        Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored (not transductive beyond BatchNorm statistics).
-
-        Returns:
-            A frozen classifier (images → logits) holding the adapted weights.
-        """
-        work = _inner.working_copy(self.model, n_way)
-        with torch.enable_grad():
-            fast = _inner.detached(_inner.parameters_of(work))
-            x, y = support_x.to(self.device), support_y.to(self.device)
-            for _ in range(self.hparams.eval_inner_steps):
-                fast = _inner.detached(
-                    _inner.adapt_sgd(
-                        work, fast, x, y, steps=1, lr=self.hparams.inner_lr, create_graph=False
-                    )
-                )
-        return _inner.freeze_with(work, fast)
+    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.Params:
+        """`eval_inner_steps` SGD steps of size `adapt_step_size` on the support loss, from `work`'s weights."""
+        return _inner.sgd_detached(
+            _inner.parameters_of(work),
+            lambda fast: _inner.loss_and_logits(work, fast, x, y)[0],
+            self.hparams.eval_inner_steps,
+            self.adapt_step_size(work.head.out_features),
+        )

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _metric
-from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor, StepResult
+from metatransfer.algorithms import _adapt, _metric
+from metatransfer.algorithms.base import Hparams, Predictor, StepResult
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec, build_backbone
@@ -118,7 +118,7 @@ def attention_log_probs(
     return per_class - torch.logsumexp(cos, dim=1, keepdim=True)
 
 
-class MatchingNet(MetaLearner):
+class MatchingNet(_adapt.MetricLearner):
     """Matching Network with cosine attention, optional full context embeddings.
 
     Attributes:
@@ -173,36 +173,23 @@ class MatchingNet(MetaLearner):
         # cross-entropy of log-probabilities = their negative log-likelihood (log_softmax is a no-op).
         return _metric.cross_entropy_step(logits, episodes)
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Embed the support set once (eval mode, no grad) and return the attention classifier.
+    def support_scorer(self, support: _adapt.Support) -> Predictor:
+        """Embed the support set once; score images by attention over it (inductive).
 
         Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored (inductive).
+            support: the checked support set (`unlabeled_x` is not used).
 
         Returns:
             images (B, C, H, W) → log p(y | x, S) (B, n_way). With FCE, each
             query is embedded against the support set independently.
         """
-        _metric.check_labels(support_y, n_way, "adapt support_y")
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        labels = support_y.to(device)
-        with _metric.eval_mode(self), torch.no_grad():
-            support_emb = self.backbone(support_x.to(device=device, dtype=dtype))
-            g = self.fce.embed_support(support_emb) if self.fce is not None else support_emb
+        support_emb = self.backbone(support.x)
+        g = self.fce.embed_support(support_emb) if self.fce is not None else support_emb
 
-        def predict(images: torch.Tensor) -> torch.Tensor:
-            with _metric.eval_mode(self), torch.no_grad():
-                f = self.backbone(images.to(device=device, dtype=dtype))
-                if self.fce is not None:
-                    f = self.fce.embed_query(f, g)
-                return attention_log_probs(f, g, labels, n_way)
+        def score(images: torch.Tensor) -> torch.Tensor:
+            f = self.backbone(images)
+            if self.fce is not None:
+                f = self.fce.embed_query(f, g)
+            return attention_log_probs(f, g, support.y, support.n_way)
 
-        return predict
+        return score

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from metatransfer.algorithms import _inner
-from metatransfer.algorithms.base import Hparams, Predictor
+from metatransfer.algorithms.base import Hparams
 from metatransfer.algorithms.maml import MAML
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec
@@ -89,51 +89,19 @@ class MetaSGD(MAML):
         """The learned α by parameter name of `self.model` (live parameters)."""
         return {name: self.lrs[lr_key(name)] for name, _ in self.model.named_parameters()}
 
-    def _task_fast_weights(
-        self, params: _inner.Params, support_x: torch.Tensor, support_y: torch.Tensor
-    ) -> _inner.Params:
-        return _inner.adapt_sgd(
-            self.model,
-            params,
-            support_x,
-            support_y,
-            steps=self.hparams.inner_steps,
-            lr=self.step_sizes(),
-            create_graph=not self.hparams.first_order,
-        )
+    def inner_step_size(self) -> _inner.StepSize:
+        """The learned α (live parameters: the outer gradient reaches them)."""
+        return self.step_sizes()
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Fine-tune a copy of θ with `eval_inner_steps` steps of size α.
+    def adapt_step_size(self, n_way: int) -> _inner.StepSize:
+        """A detached copy of α; for another `n_way` than `self.n_way`, the head's is its mean.
 
-        With a different `n_way` than `self.n_way` the head starts at zero (see
-        `_inner.working_copy`) and its step size is the mean of the learned α of
-        θ's head weight (resp. bias), since the learned tensors do not fit the
-        new shape. θ and α are not modified.
-
-        Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored.
-
-        Returns:
-            A frozen classifier (images → logits) holding the adapted weights.
+        The head then starts at zero (see `_inner.working_copy`) and the
+        learned tensors of θ's head weight (resp. bias) do not fit its shape,
+        so it takes their mean. θ and α are not modified.
         """
-        work = _inner.working_copy(self.model, n_way)
         lrs = {k: v.detach().clone() for k, v in self.step_sizes().items()}
         if n_way != self.n_way:
             for name in ("head.weight", "head.bias"):
                 lrs[name] = lrs[name].mean()
-        with torch.enable_grad():
-            fast = _inner.detached(_inner.parameters_of(work))
-            x, y = support_x.to(self.device), support_y.to(self.device)
-            for _ in range(self.hparams.eval_inner_steps):
-                fast = _inner.detached(
-                    _inner.adapt_sgd(work, fast, x, y, steps=1, lr=lrs, create_graph=False)
-                )
-        return _inner.freeze_with(work, fast)
+        return lrs

@@ -21,8 +21,8 @@ from typing import ClassVar
 
 import torch
 
-from metatransfer.algorithms import _metric
-from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor, StepResult
+from metatransfer.algorithms import _adapt, _metric
+from metatransfer.algorithms.base import Hparams, Predictor, StepResult
 from metatransfer.episodes import Episode
 from metatransfer.models import BackboneSpec, build_backbone
 
@@ -32,7 +32,7 @@ class ProtoNetHparams(Hparams):
     """ProtoNet has no hyper-parameters of its own (the paper's squared Euclidean metric)."""
 
 
-class ProtoNet(MetaLearner):
+class ProtoNet(_adapt.MetricLearner):
     """Prototypical Network over any backbone from `build_backbone`.
 
     Attributes:
@@ -72,31 +72,14 @@ class ProtoNet(MetaLearner):
         ]
         return _metric.cross_entropy_step(logits, episodes)
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Compute the prototypes once (eval mode, no grad) and return a nearest-prototype scorer.
+    def support_scorer(self, support: _adapt.Support) -> Predictor:
+        """Compute the prototypes once; score images by -||f(x) - c_k||² (ProtoNet is inductive).
 
         Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored (ProtoNet is inductive).
+            support: the checked support set (`unlabeled_x` is not used).
 
         Returns:
             images (B, C, H, W) → logits (B, n_way) = -||f(x) - c_k||².
         """
-        _metric.check_labels(support_y, n_way, "adapt support_y")
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        with _metric.eval_mode(self), torch.no_grad():
-            emb = self.backbone(support_x.to(device=device, dtype=dtype))
-            prototypes = _metric.class_means(emb, support_y.to(device), n_way)
-
-        def predict(images: torch.Tensor) -> torch.Tensor:
-            with _metric.eval_mode(self), torch.no_grad():
-                return self.logits(self.backbone(images.to(device=device, dtype=dtype)), prototypes)
-
-        return predict
+        prototypes = _metric.class_means(self.backbone(support.x), support.y, support.n_way)
+        return lambda images: self.logits(self.backbone(images), prototypes)

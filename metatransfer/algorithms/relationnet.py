@@ -49,10 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _metric
+from metatransfer.algorithms import _adapt, _metric
 from metatransfer.algorithms.base import (
     Hparams,
-    MetaLearner,
     Predictor,
     StepResult,
     episode_accuracy,
@@ -153,7 +152,7 @@ class RelationModule(nn.Module):
         return torch.sigmoid(self.fc2(torch.relu(self.fc1(x)))).view(q, n)
 
 
-class RelationNet(MetaLearner):
+class RelationNet(_adapt.MetricLearner):
     """Relation Network: embedding (the backbone) + relation module, MSE to one-hot.
 
     Attributes:
@@ -248,31 +247,14 @@ class RelationNet(MetaLearner):
         loss.backward()
         return StepResult(loss=float(loss.detach()), acc=sum(accs) / len(accs))
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Embed the support set once (eval mode, no grad) and return the relation scorer.
+    def support_scorer(self, support: _adapt.Support) -> Predictor:
+        """Embed the support set once into class maps; score images by relation (inductive).
 
         Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored (inductive).
+            support: the checked support set (`unlabeled_x` is not used).
 
         Returns:
             images (B, C, H, W) → relation scores (B, n_way) in (0, 1).
         """
-        _metric.check_labels(support_y, n_way, "adapt support_y")
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        with _metric.eval_mode(self), torch.no_grad():
-            maps = self.embed(support_x.to(device=device, dtype=dtype))
-            class_maps = self.class_maps(maps, support_y.to(device), n_way)
-
-        def predict(images: torch.Tensor) -> torch.Tensor:
-            with _metric.eval_mode(self), torch.no_grad():
-                return self.relation(class_maps, self.embed(images.to(device=device, dtype=dtype)))
-
-        return predict
+        class_maps = self.class_maps(self.embed(support.x), support.y, support.n_way)
+        return lambda images: self.relation(class_maps, self.embed(images))

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _finetune, _metric
-from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor, StepResult, episode_accuracy
+from metatransfer.algorithms import _adapt, _finetune, _metric
+from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
 from metatransfer.algorithms.baseline import require_hparam
 from metatransfer.episodes import Episode
 from metatransfer.errors import EpisodeError
@@ -58,7 +58,7 @@ class ScratchHparams(Hparams):
     seed: int = 0
 
 
-class Scratch(MetaLearner):
+class Scratch(_adapt.SupportLearner):
     """A fresh network per task, trained on its support set only (see module docstring).
 
     Attributes:
@@ -126,33 +126,21 @@ class Scratch(MetaLearner):
             raise EpisodeError("scratch: the meta-batch is empty; pass at least one Episode")
         return StepResult(loss=sum(losses) / len(losses), acc=sum(accs) / len(accs))
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Train the seeded initialisation on the support set (full batch, Adam).
+    def adapt_support(self, support: _adapt.Support) -> Predictor:
+        """Train the seeded initialisation on the support set (full batch, Adam; inductive).
 
         Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored (Scratch is inductive).
+            support: the checked support set (`unlabeled_x` is not used).
 
         Returns:
             A `FeatureClassifier` (eval mode, frozen); `fit_losses` holds the
             support loss of every step (the first one: the untrained model's).
         """
-        _metric.check_labels(support_y, n_way, f"{self.name} adapt support_y")
         hp = self.hparams
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        x = support_x.to(device=device, dtype=dtype)
-        y = support_y.to(device)
-        model = self.initial_model(n_way).to(device=device, dtype=dtype)
+        model = self.initial_model(support.n_way).to(device=support.device, dtype=support.dtype)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        losses = _finetune.fit(model, x, y, optimizer, hp.steps, 0, hp.seed)
-        _finetune.reestimate_batchnorm(model.backbone, x)
+        losses = _finetune.fit(model, support.x, support.y, optimizer, hp.steps, 0, hp.seed)
+        _finetune.reestimate_batchnorm(model.backbone, support.x)
         model.fit_losses = losses
         return _finetune.freeze(model)

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _metric
-from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor, StepResult
+from metatransfer.algorithms import _adapt, _metric
+from metatransfer.algorithms.base import Hparams, Predictor, StepResult
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError, EpisodeError
 from metatransfer.models import BackboneSpec, build_backbone
@@ -135,7 +135,7 @@ class TaskEmbeddingNetwork(nn.Module):
         return self.gamma_scale.pow(2).sum() + self.beta_scale.pow(2).sum()
 
 
-class TADAM(MetaLearner):
+class TADAM(_adapt.MetricLearner):
     """Task-conditioned prototypical network with metric scaling (Conv-4 backbone).
 
     Attributes:
@@ -252,33 +252,16 @@ class TADAM(MetaLearner):
         assert isinstance(hp, TADAMHparams)
         return _metric.cross_entropy_step(logits, episodes, extra_loss=hp.film_l2 * self.ten.penalty())
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Condition on the support set and compute prototypes once (eval mode, no grad).
+    def support_scorer(self, support: _adapt.Support) -> Predictor:
+        """Condition on the support set and compute prototypes once (the queries are not used).
 
         Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored (TADAM conditions on the labelled support only).
+            support: the checked support set (`unlabeled_x` is not used: TADAM
+                conditions on the labelled support only).
 
         Returns:
             images (B, C, H, W) → logits (B, n_way) = -α ||f(x | Δ) - c_k||².
         """
-        _metric.check_labels(support_y, n_way, "adapt support_y")
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        labels = support_y.to(device)
-        with _metric.eval_mode(self), torch.no_grad():
-            images = support_x.to(device=device, dtype=dtype)
-            film = self.task_film(self.features(images), labels, n_way)
-            prototypes = _metric.class_means(self.features(images, film), labels, n_way)
-
-        def predict(images: torch.Tensor) -> torch.Tensor:
-            with _metric.eval_mode(self), torch.no_grad():
-                return self.logits(self.features(images.to(device=device, dtype=dtype), film), prototypes)
-
-        return predict
+        film = self.task_film(self.features(support.x), support.y, support.n_way)
+        prototypes = _metric.class_means(self.features(support.x, film), support.y, support.n_way)
+        return lambda images: self.logits(self.features(images, film), prototypes)

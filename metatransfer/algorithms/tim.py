@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _finetune, _metric
+from metatransfer.algorithms import _adapt, _finetune, _metric
 from metatransfer.algorithms.base import Hparams, Predictor
 from metatransfer.algorithms.baseline import Baseline, PretrainHparams, require_hparam
 
@@ -188,36 +188,23 @@ class TIM(Baseline):
         for key in ("ce_weight", "marginal_weight", "conditional_weight"):
             require_hparam(getattr(hp, key) >= 0, self.name, key, ">= 0", getattr(hp, key))
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
+    def adapt_support(self, support: _adapt.Support) -> Predictor:
         """Run TIM-GD on the frozen features of the support and unlabelled images.
 
         Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: unlabelled target images (the queries); None leaves
-                only the support cross-entropy.
+            support: the checked support set; its `unlabeled_x` (the queries)
+                give the mutual-information terms; None leaves only the
+                support cross-entropy.
 
         Returns:
             A `FeatureClassifier` (eval mode, frozen) with a `TIMHead`; its
             `fit_losses` holds the objective along the iterations.
         """
-        _metric.check_labels(support_y, n_way, f"{self.name} adapt support_y")
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
         backbone = _finetune.frozen_copy(self.backbone)
-        support_z = F.normalize(
-            _finetune.extract_features(backbone, support_x.to(device=device, dtype=dtype)), dim=1
-        )
+        support_z = F.normalize(_finetune.extract_features(backbone, support.x), dim=1)
         query_z = None
-        if unlabeled_x is not None and unlabeled_x.shape[0] > 0:
-            query_z = F.normalize(
-                _finetune.extract_features(backbone, unlabeled_x.to(device=device, dtype=dtype)), dim=1
-            )
-        weights, losses = fit_tim(support_z, support_y.to(device), query_z, n_way, self.hparams)
+        if support.unlabeled_x is not None:
+            query_z = F.normalize(_finetune.extract_features(backbone, support.unlabeled_x), dim=1)
+        weights, losses = fit_tim(support_z, support.y, query_z, support.n_way, self.hparams)
         head = TIMHead(weights, self.hparams.temperature)
         return _finetune.freeze(_finetune.FeatureClassifier(backbone, head, losses))
