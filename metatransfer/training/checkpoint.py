@@ -51,10 +51,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 STEP_PREFIX = "step-"
-# Test-only hook: seconds to sleep after a checkpoint's files are written and
-# fsynced but before the folder is renamed into place, so a test can SIGKILL
-# the process in the middle of a checkpoint write. Never set it in production.
-TEST_SLEEP_ENV = "METATRANSFER_TEST_CHECKPOINT_SLEEP_S"
 
 
 class CheckpointError(ArtifactError):
@@ -302,9 +298,6 @@ def save_checkpoint(config: CheckpointConfig, step: int, state: dict[str, Any]) 
         (tmp / CHECKSUMS).write_text(json.dumps(sums, sort_keys=True))
         for name in (WEIGHTS, CONFIG, CHECKSUMS):
             fsync_path(tmp / name)
-        pause = float(os.environ.get(TEST_SLEEP_ENV, "0") or 0)
-        if pause > 0:
-            time.sleep(pause)
         final = folder / f"{STEP_PREFIX}{step:09d}"
         if final.exists():  # the end-of-run checkpoint can share a step with a periodic one
             _discard(final)

@@ -7,6 +7,10 @@ import json
 import os
 import pickle
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +139,58 @@ def test_crash_before_rename_keeps_the_previous_checkpoint(tmp_path: Path, monke
     got = load_latest(cfg(tmp_path))
     assert got.step == 1 and torch.equal(got.state["v"], torch.ones(3))
     assert not leftover.exists()
+
+
+WRITER = """
+import sys, torch
+from pathlib import Path
+from metatransfer.training.checkpoint import CheckpointConfig, save_checkpoint
+config = CheckpointConfig(folder=Path(sys.argv[1]), every=1, fingerprint="fp", keep=2)
+for step in range(1, 300):
+    save_checkpoint(config, step, {"v": torch.full((1 << 20,), float(step)), "step": step})
+"""
+
+
+def test_sigkill_inside_a_real_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    """A real process writing checkpoints is stopped (SIGSTOP) whenever a write is
+    seen in flight; once the stop has taken effect with the temporary folder still
+    there, the process is inside a write and is SIGKILLed. No hook in the write
+    path, no sleep: a write that finished before the stop is let go and the next
+    one is tried. The newest complete checkpoint must then load, intact."""
+    folder = tmp_path / "ck"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(folder)])
+    landed: list[Path] = []
+    tries = 0
+    try:
+        while not landed:
+            assert proc.poll() is None, f"the writer ended (rc {proc.returncode}) before a kill landed in a write"
+            inflight = [p for p in folder.glob(".tmp-*")] if folder.is_dir() else []
+            if not inflight:
+                time.sleep(0.001)
+                continue
+            tries += 1
+            assert tries <= 1000, "1000 writes seen in flight, none still in flight once stopped"
+            os.kill(proc.pid, signal.SIGSTOP)
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns once the stop took effect
+            assert os.WIFSTOPPED(status)
+            landed = [p for p in inflight if p.exists()]
+            if not landed:
+                os.kill(proc.pid, signal.SIGCONT)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert all(p.exists() for p in landed)  # the kill left the write unfinished
+    written = int(landed[0].name.split("-")[2])  # .tmp-step-<step>-<random>
+    got = load_latest(cfg(tmp_path))
+    if written == 1:  # killed inside the first write: nothing to resume
+        assert got is None
+    else:
+        assert got is not None and got.step == written - 1 and got.state["step"] == written - 1
+        assert torch.equal(got.state["v"], torch.full((1 << 20,), float(written - 1)))
+    assert not list(folder.glob(".*"))  # the leftover of the killed write is gone
 
 
 def test_other_fingerprint_is_discarded_not_resumed(tmp_path: Path) -> None:
