@@ -1,6 +1,7 @@
 """One Prefect task per pipeline stage: each reproduces the DVC stage of the same
 name, so a Prefect run and `dvc repro` run the same code and leave the same
-dvc.lock. Retries only where I/O can fail transiently (fetch)."""
+dvc.lock. No task retries: the one step whose I/O fails transiently, a
+download, is retried inside the library (`metatransfer.data.fetch._download`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,11 @@ def image_folders(root: str, parent_run_id: str | None = None, force: bool = Fal
     return dvc_stages.reproduce_stage("image_folders", root, force=force, parent_run_id=parent_run_id)
 
 
-@task(name="fetch", retries=2, retry_delay_seconds=10)
+# No Prefect retries here: the library already retries each download
+# (data.fetch._download, 3 attempts with back-off) and re-raises for good with the
+# URL; retrying the whole stage on top would repeat every download 3 x 3 times
+# and re-copy the files that had arrived, only to fail the same way.
+@task(name="fetch")
 def fetch(root: str, parent_run_id: str | None = None, force: bool = False) -> list[str]:
     """Raw files into data/raw (download or mirror copy, checksums verified)."""
     return dvc_stages.reproduce_stage("fetch", root, force=force, parent_run_id=parent_run_id)
