@@ -33,7 +33,7 @@ import torch
 
 from metatransfer.config import PrepareParams
 from metatransfer.data.prepare import prepare
-from metatransfer.data.sources import fetch
+from metatransfer.data.fetch import fetch
 
 DATASETS = ("omniglot", "retinamnist", "breastmnist", "kmnist")
 DEFAULT_MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"

@@ -122,7 +122,7 @@ def ensure_prepared(prepared: Path, image_size: int, params: Params) -> None:
            for s in ("meta_train", "meta_val", "meta_test")):
         return
     from metatransfer.data.prepare import prepare
-    from metatransfer.data.sources import fetch
+    from metatransfer.data.fetch import fetch
 
     mirror = Path(params.data.mirror)
     mirror = mirror if mirror.is_absolute() else ROOT / mirror

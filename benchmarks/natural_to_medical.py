@@ -113,7 +113,7 @@ def ensure_prepared(prepared: Path, image_size: int, params: Params) -> None:
     if all(s in have.get(d, []) for d, s in need.items()):
         return
     from metatransfer.data.prepare import prepare
-    from metatransfer.data.sources import fetch
+    from metatransfer.data.fetch import fetch
 
     mirror = Path(params.data.mirror)
     mirror = mirror if mirror.is_absolute() else ROOT / mirror

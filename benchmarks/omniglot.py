@@ -56,7 +56,7 @@ from metatransfer import tracking
 from metatransfer.algorithms import build_algorithm
 from metatransfer.config import PrepareParams
 from metatransfer.data.prepare import prepare
-from metatransfer.data.sources import fetch
+from metatransfer.data.fetch import fetch
 from metatransfer.data.store import SplitData, available, load_split
 from metatransfer.episodes import EpisodeSampler, build_fixed_episodes
 from metatransfer.evaluation.episodic import episode_accuracies

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -54,6 +56,30 @@ IMAGE_FOLDER_LAYOUTS = ("auto", "class", "split/class", "domain/class")
 
 
 @dataclass(frozen=True)
+class NpzFileParams:
+    """A user's own MedMNIST-format .npz file, pinned by its SHA-256 (docs/guide.md, "Your own npz file").
+
+    path: the file; relative paths are relative to the project root.
+    sha256: the file's SHA-256 (64 hex digits, `sha256sum FILE`); prepare
+        refuses a file with another checksum, and without it prints the digest
+        to paste. It is the dataset's data version.
+    role: "target" (the file's train/test (and val) splits are kept; without
+        val arrays, prepare.val_fraction of each class's train images becomes
+        val) or "source" (all images pooled; classes cut into
+        meta_train/meta_val/meta_test by split_fractions).
+    split_fractions: role source only: shares of the classes, in the order
+        meta_train, meta_val, meta_test.
+    class_names: names of labels 0, 1, ... (empty: "00", "01", ... like MedMNIST).
+    """
+
+    path: str
+    sha256: str = ""
+    role: str = "target"
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    class_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class FetchParams:
     """Which registered datasets to fetch into data/raw (names from the dataset registry)."""
 
@@ -75,6 +101,8 @@ class PrepareParams:
     omniglot_protocol: str
     meta_val_classes: int
     image_folders: dict[str, ImageFolderParams] = field(default_factory=dict)
+    # The user's own MedMNIST-format npz files, each pinned by its sha256.
+    npz_files: dict[str, NpzFileParams] = field(default_factory=dict)
     # Share of each class's training images carved (stratified, seeded) into
     # `val` for datasets that come with a train/test split but no validation
     # split (brain_tumor_mri, ham10000_mel_nv, split/class image folders).
@@ -144,6 +172,9 @@ class EpisodeSetParams:
     shots: tuple[int, ...]
     n_query: int
     n_episodes: int
+    # Classes of the split with fewer images are left out of the set's episodes
+    # (a WARNING lists them; the episode file records them); 0 keeps every class.
+    min_images_per_class: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,10 +186,19 @@ class EpisodesParams:
 
 @dataclass(frozen=True)
 class SourceMixParams:
-    """A source dataset and its sampling weight for meta-training episodes."""
+    """A source dataset and its sampling weight for meta-training episodes.
+
+    k_shot / n_query: this source's episode shape (None: meta_train.k_shot /
+        meta_train.n_query); n_way is shared by every source.
+    min_images_per_class: classes of this source's meta_train split with fewer
+        images are never drawn (a WARNING lists them); 0 keeps every class.
+    """
 
     dataset: str
     weight: float
+    k_shot: int | None = None
+    n_query: int | None = None
+    min_images_per_class: int = 0
 
 
 @dataclass(frozen=True)
@@ -287,6 +327,10 @@ class FinetuneParams:
     patience: int
     force_method: str
     checkpoint_every: int = 50  # steps between checkpoints (0: only at the end)
+    # Refuse (an error naming the classes) a target whose train split has a class
+    # with fewer labelled images; 0 = no minimum. Classes are never dropped:
+    # the head, evaluation and serving cover every class of the target.
+    min_images_per_class: int = 0
     # Batch augmentation of the labelled target images (metatransfer/augment.py).
     augment: AugmentParams = field(default_factory=lambda: AugmentParams())
 
@@ -472,6 +516,58 @@ def _sections_of_type(obj: Any, cls: type, prefix: str = "") -> list[tuple[str, 
     return out
 
 
+NPZ_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _check_npz_files(prep: PrepareParams) -> None:
+    """Checks of every prepare.npz_files entry (the file itself is read by prepare, not here).
+
+    Raises:
+        ConfigError: naming the key, the allowed values and the value found.
+    """
+    from metatransfer.data.sources import DATASETS
+
+    for name, f in prep.npz_files.items():
+        key = f"prepare.npz_files.{name}"
+        if not NPZ_NAME.match(name):
+            raise ConfigError(f"{key}: the entry name is the dataset name and its folder data/prepared/<name>: use "
+                              f"letters, digits, '_', '.', '-' (starting with a letter or digit), found {name!r}")
+        if name in prep.image_folders or name in DATASETS:
+            where = "prepare.image_folders" if name in prep.image_folders else "the dataset registry (fetch.datasets)"
+            raise ConfigError(f"{key}: the name {name!r} is already a dataset of {where}; give the file another name")
+        if not f.path.strip():
+            raise ConfigError(f"{key}.path: must name a .npz file, found an empty string")
+        if f.sha256 and not (len(f.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in f.sha256)):
+            raise ConfigError(f"{key}.sha256: must be 64 hex digits (sha256sum FILE), found {f.sha256!r}")
+        if f.role not in ("source", "target"):
+            raise ConfigError(f"{key}.role: must be 'source' or 'target', found {f.role!r}")
+        if not (all(x >= 0 for x in f.split_fractions) and abs(sum(f.split_fractions) - 1) < 1e-6):
+            raise ConfigError(f"{key}.split_fractions: must be three non-negative numbers summing to 1 "
+                              f"(meta_train, meta_val, meta_test), found {list(f.split_fractions)}")
+        bad = [c for c in f.class_names if not c.strip() or "/" in c]
+        if bad:
+            raise ConfigError(f"{key}.class_names: every name must be non-empty and without '/', found {bad}")
+        dup = sorted({c for c in f.class_names if f.class_names.count(c) > 1})
+        if dup:
+            raise ConfigError(f"{key}.class_names: names must be distinct, found {dup} more than once")
+
+
+# Checks that need a higher layer (e.g. the algorithm names and hyper-parameters of
+# meta_train, which only `metatransfer.algorithms` knows): that layer registers them
+# on import (`register_params_check`), so this module never imports it.
+_PARAMS_CHECKS: list[Callable[[Params], None]] = []
+
+
+def register_params_check(check: Callable[[Params], None]) -> None:
+    """Add a check that `params_from_mapping` runs (once per function), after the meta_train checks.
+
+    Args:
+        check: raises ConfigError naming the key ("<key>: <what is wrong>") for bad params.
+    """
+    if check not in _PARAMS_CHECKS:
+        _PARAMS_CHECKS.append(check)
+
+
 def _check_ranges(p: Params) -> None:
     """Value checks that types alone cannot express."""
     def need(ok: bool, key: str, msg: str) -> None:
@@ -507,6 +603,7 @@ def _check_ranges(p: Params) -> None:
              f"{key}.split_fractions", f"must be three non-negative numbers summing to 1, found {list(f.split_fractions)}")
         need(f.layout in IMAGE_FOLDER_LAYOUTS, f"{key}.layout",
              f"must be one of {list(IMAGE_FOLDER_LAYOUTS)}, found {f.layout!r}")
+    _check_npz_files(p.prepare)
     if p.episodes is not None:
         for name, e in p.episodes.sets.items():
             key = f"episodes.sets.{name}"
@@ -514,6 +611,8 @@ def _check_ranges(p: Params) -> None:
             need(len(e.shots) >= 1 and all(k >= 1 for k in e.shots), f"{key}.shots", f"must be a non-empty list of integers >= 1, found {list(e.shots)}")
             need(e.n_query >= 1, f"{key}.n_query", f"must be >= 1, found {e.n_query}")
             need(e.n_episodes >= 2, f"{key}.n_episodes", f"must be >= 2 (a confidence interval needs two), found {e.n_episodes}")
+            need(e.min_images_per_class >= 0, f"{key}.min_images_per_class",
+                 f"must be >= 0 (0: keep every class), found {e.min_images_per_class}")
     if p.pretrain is not None:
         t = p.pretrain
         need(len(t.datasets) >= 1, "pretrain.datasets", "must name at least one source dataset")
@@ -550,19 +649,23 @@ def _check_ranges(p: Params) -> None:
              "is 'pretrained_file' but model.pretrained is not set; set {path, sha256} or use 'scratch'")
         need(len(m.sources) >= 1, "meta_train.sources", "must name at least one source dataset")
         need(all(s.weight > 0 for s in m.sources), "meta_train.sources", "every weight must be > 0")
-        from metatransfer.algorithms import REGISTRY, algorithm_class
-
-        for name in m.algorithms:
-            need(name in REGISTRY, "meta_train.algorithms", f"unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
-        for name, hp in m.hparams.items():
-            need(name in REGISTRY, f"meta_train.hparams.{name}", f"unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
-            algorithm_class(name).hparams_class.from_mapping(hp, f"meta_train.hparams.{name}")
+        for i, s in enumerate(m.sources):
+            for key in ("k_shot", "n_query"):
+                value = getattr(s, key)
+                need(value is None or value >= 1, f"meta_train.sources[{i}].{key}",
+                     f"must be >= 1 (or absent: meta_train.{key}), found {value}")
+            need(s.min_images_per_class >= 0, f"meta_train.sources[{i}].min_images_per_class",
+                 f"must be >= 0 (0: keep every class), found {s.min_images_per_class}")
+    # The other layers' checks (the algorithms': names in meta_train.algorithms) come before
+    # finetune's, whose `methods` check relies on meta_train.algorithms naming real algorithms.
+    for check in _PARAMS_CHECKS:
+        check(p)
     if p.finetune is not None:
         f = p.finetune
         need(f.train_layers in ("all", "head"), "finetune.train_layers", f"must be 'all' or 'head', found {f.train_layers!r}")
         for key in ("shots_per_class", "batch_size", "eval_every"):
             need(getattr(f, key) >= 1, f"finetune.{key}", f"must be >= 1, found {getattr(f, key)}")
-        for key in ("steps", "patience", "val_per_class", "checkpoint_every"):
+        for key in ("steps", "patience", "val_per_class", "checkpoint_every", "min_images_per_class"):
             need(getattr(f, key) >= 0, f"finetune.{key}", f"must be >= 0, found {getattr(f, key)}")
         need(f.lr > 0, "finetune.lr", f"must be > 0, found {f.lr}")
         known = set(p.meta_train.algorithms if p.meta_train else ()) | {"scratch"} | ({"pretrain"} if p.pretrain else set())
@@ -592,6 +695,9 @@ def _check_ranges(p: Params) -> None:
 
 def params_from_mapping(raw: Any, source: str = "params.yaml") -> Params:
     """Validate a parsed params mapping and return the typed `Params`.
+
+    Runs the checks of this module and those registered by other layers
+    (`register_params_check`; `metatransfer.algorithms` registers the algorithm checks).
 
     Raises:
         ConfigError: naming the key path (prefixed by `source`), expected and found values.

@@ -5,9 +5,11 @@ algorithm names). Some mistakes only show against the data: an N-way larger
 than the classes a split has, or K + Q larger than the images of its smallest
 class. Without this check they surface minutes into a run, deep inside an
 episode sampler; here every configured episode set and the meta-training
-episode shape are checked from the manifests alone (no images are read), and
-all problems are reported at once, each naming its params key and the values
-that would work.
+episode shape of every source are checked from the manifests alone (no images
+are read), after the `min_images_per_class` exclusions, and all problems are
+reported at once, each naming its params key and the values that would work.
+A `finetune.min_images_per_class` that a target's class falls under is
+refused here too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class SplitShape:
     classes: int
     min_per_class: int  # images in the smallest class
     smallest_class: str
+    counts: tuple[tuple[str, int], ...] = ()  # (class name, images) of every class, by name
 
 
 def split_shapes(prepared_dir: str | Path, datasets: Iterable[str]) -> dict[tuple[str, str], SplitShape]:
@@ -45,33 +48,80 @@ def split_shapes(prepared_dir: str | Path, datasets: Iterable[str]) -> dict[tupl
         for split, rows in df.groupby("split"):
             counts = rows["class"].value_counts()
             shapes[(dataset, str(split))] = SplitShape(
-                dataset, str(split), int(counts.size), int(counts.min()), str(counts.idxmin())
+                dataset, str(split), int(counts.size), int(counts.min()), str(counts.idxmin()),
+                tuple(sorted((str(c), int(n)) for c, n in counts.items())),
             )
     return shapes
 
 
-def _request_problems(
-    key: str, split_key: str, shape: SplitShape | None, where: str, n_way: int, k_max: int, n_query: int,
-    rotation: bool, available_splits: list[str], k_key: str,
-) -> list[str]:
-    """Problems of one N-way K-shot Q-query request against one split (empty when it fits)."""
+def without_small_classes(shape: SplitShape, minimum: int) -> tuple[SplitShape, dict[str, int]]:
+    """`shape` once the classes under `minimum` images are excluded (what `episodes.kept_classes` does).
+
+    Returns:
+        (the shape of the kept classes, {excluded class name: images}); the
+        shape is unchanged when nothing is excluded. With every class excluded
+        the shape has 0 classes and min_per_class 0.
+    """
+    excluded = {c: n for c, n in shape.counts if n < minimum} if minimum > 0 else {}
+    if not excluded:
+        return shape, {}
+    kept = tuple((c, n) for c, n in shape.counts if c not in excluded)
+    smallest = min(kept, key=lambda cn: (cn[1], cn[0])) if kept else ("", 0)
+    return SplitShape(shape.dataset, shape.split, len(kept), smallest[1], smallest[0], kept), excluded
+
+
+@dataclass(frozen=True)
+class Request:
+    """One N-way K-shot Q-query episode request and the params keys that set it."""
+
+    key: str  # the section named in K+Q problems (e.g. "episodes.sets.x", "meta_train.sources[1]")
+    n_way_key: str
+    min_key: str
+    n_way: int
+    k_max: int
+    n_query: int
+    minimum: int
+    rotation: bool
+    k_key: str  # how the shot count is named ("max(shots)", "k_shot")
+
+
+def _request_problems(req: Request, split_key: str, shape: SplitShape | None, where: str,
+                      available_splits: list[str]) -> list[str]:
+    """Problems of one request against one split (empty when it fits)."""
     if shape is None:
         return [f"{split_key}: {where} has no images; allowed: a split the dataset has "
                 f"{available_splits} (or re-run `prepare` with more classes)"]
-    out = []
-    ways = shape.classes * (N_ROTATIONS if rotation else 1)
+    factor = N_ROTATIONS if req.rotation else 1
+    ways = shape.classes * factor
+    n_way = req.n_way
     if n_way > ways:
-        extra = f" ({shape.classes} classes x {N_ROTATIONS} rotations)" if rotation else ""
-        out.append(f"{key}.n_way: {n_way} but {where} has only {ways} classes{extra}; allowed: 2..{ways}")
-    need = k_max + n_query
-    if need > shape.min_per_class:
-        room = shape.min_per_class - n_query
-        allowed = (f"{k_key} <= {room} with n_query={n_query}, or n_query <= {shape.min_per_class - 1} with {k_key}=1"
-                   if room >= 1 else f"n_query <= {shape.min_per_class - 1} with {k_key}=1")
+        extra = f" ({shape.classes} classes x {N_ROTATIONS} rotations)" if req.rotation else ""
+        return [f"{req.n_way_key}: {n_way} but {where} has only {ways} classes{extra}; allowed: 2..{ways}"]
+    kept, excluded = without_small_classes(shape, req.minimum)
+    if kept.classes * factor < n_way:
+        need_classes = -(-n_way // factor)
+        largest = sorted((n for _, n in shape.counts), reverse=True)
+        listed = ", ".join(f"{c} ({n})" for c, n in excluded.items())
+        rot = f" x {N_ROTATIONS} rotations" if req.rotation else ""
+        return [f"{req.min_key}: {req.minimum} excludes {len(excluded)} of {shape.classes} classes of {where} "
+                f"({listed}), leaving {kept.classes} classes{rot} but {req.n_way_key} is {n_way}; allowed: "
+                f"{req.min_key} <= {largest[need_classes - 1]} (or a smaller {req.n_way_key})"]
+    out = []
+    need = req.k_max + req.n_query
+    if need > kept.min_per_class:
+        room = kept.min_per_class - req.n_query
+        k_key, low = req.k_key, kept.min_per_class
+        allowed = (f"{k_key} <= {room} with n_query={req.n_query}, or n_query <= {low - 1} with {k_key}=1"
+                   if room >= 1 else f"n_query <= {low - 1} with {k_key}=1")
+        big_enough = sum(1 for _, n in kept.counts if n >= need)
+        exclude = ""
+        if big_enough * factor >= n_way:
+            exclude = (f"; or {req.min_key}: {need} to exclude the {kept.classes - big_enough} classes "
+                       f"with fewer than {need} images")
         out.append(
-            f"{key}: {k_key}={k_max} + n_query={n_query} = {need} images per class are needed but class "
-            f"{shape.smallest_class!r} of {where} has only {shape.min_per_class}; allowed: "
-            f"{k_key} + n_query <= {shape.min_per_class} ({allowed})"
+            f"{req.key}: {k_key}={req.k_max} + n_query={req.n_query} = {need} images per class are needed but "
+            f"class {kept.smallest_class!r} of {where} has only {low}; allowed: "
+            f"{k_key} + n_query <= {low} ({allowed}){exclude}"
         )
     return out
 
@@ -79,9 +129,11 @@ def _request_problems(
 def check_episode_shapes(params: Params, prepared_dir: str | Path) -> None:
     """Check every configured episode request against the prepared data.
 
-    Covers `episodes.sets.*` (each shot count), the meta-training episodes of
-    every `meta_train.sources` dataset (with rotation augmentation) and the
-    meta-val episodes (first source's meta_val split, no rotation).
+    Covers `episodes.sets.*` (each shot count, after `min_images_per_class`),
+    the meta-training episodes of every `meta_train.sources` dataset (each
+    with its own k_shot / n_query / min_images_per_class, with rotation
+    augmentation) and the meta-val episodes (first source's meta_val split,
+    that source's shape, no rotation).
 
     Args:
         params: validated params.
@@ -107,22 +159,30 @@ def check_episode_shapes(params: Params, prepared_dir: str | Path) -> None:
     problems: list[str] = []
     if params.episodes is not None:
         for name, s in params.episodes.sets.items():
-            problems += _request_problems(
-                f"episodes.sets.{name}", f"episodes.sets.{name}.split", shapes.get((s.dataset, s.split)), f"{s.dataset}/{s.split}",
-                s.n_way, max(s.shots), s.n_query, False, splits_of(s.dataset), "max(shots)",
-            )
+            key = f"episodes.sets.{name}"
+            req = Request(key, f"{key}.n_way", f"{key}.min_images_per_class", s.n_way, max(s.shots), s.n_query,
+                          s.min_images_per_class, False, "max(shots)")
+            problems += _request_problems(req, f"{key}.split", shapes.get((s.dataset, s.split)),
+                                          f"{s.dataset}/{s.split}", splits_of(s.dataset))
     m = params.meta_train
     if m is not None:
-        for src in m.sources:
-            problems += _request_problems(
-                "meta_train", "meta_train.sources", shapes.get((src.dataset, "meta_train")), f"{src.dataset}/meta_train",
-                m.n_way, m.k_shot, m.n_query, m.rotation_augment, splits_of(src.dataset), "k_shot",
-            )
+        from metatransfer.training.sources import source_shape
+
+        def request(i: int, rotation: bool) -> Request:
+            src = m.sources[i]
+            k, q = source_shape(m, src)
+            own = src.k_shot is not None or src.n_query is not None
+            return Request(f"meta_train.sources[{i}]" if own else "meta_train", "meta_train.n_way",
+                           f"meta_train.sources[{i}].min_images_per_class", m.n_way, k, q,
+                           src.min_images_per_class, rotation, "k_shot")
+
+        for i, src in enumerate(m.sources):
+            problems += _request_problems(request(i, m.rotation_augment), "meta_train.sources",
+                                          shapes.get((src.dataset, "meta_train")), f"{src.dataset}/meta_train",
+                                          splits_of(src.dataset))
         first = m.sources[0].dataset
-        problems += _request_problems(
-            "meta_train", "meta_train.sources[0]", shapes.get((first, "meta_val")), f"{first}/meta_val (the meta-val episodes)",
-            m.n_way, m.k_shot, m.n_query, False, splits_of(first), "k_shot",
-        )
+        problems += _request_problems(request(0, False), "meta_train.sources[0]", shapes.get((first, "meta_val")),
+                                      f"{first}/meta_val (the meta-val episodes)", splits_of(first))
     if problems:
         unique = list(dict.fromkeys(problems))
         raise ConfigError(
@@ -131,15 +191,61 @@ def check_episode_shapes(params: Params, prepared_dir: str | Path) -> None:
         )
 
 
+def check_finetune_classes(params: Params, prepared_dir: str | Path, targets: Iterable[str] | None = None) -> None:
+    """Refuse fine-tuning targets with a class under `finetune.min_images_per_class` labelled images.
+
+    Fine-tuning never drops a class: the target model's head, the evaluation
+    on the test split and serving all cover every class of the target (labels
+    are indices into its class names), so a class left out of fine-tuning
+    would still be predicted from a head row no image shaped, and scored. The
+    minimum is therefore a guard, checked from the manifests of the targets'
+    train splits (what fine-tuning draws its labelled images from).
+
+    Args:
+        params: validated params (nothing is checked without a finetune
+            section or with a minimum of 0).
+        prepared_dir: the prepared store.
+        targets: the targets to check (default: finetune.targets).
+
+    Raises:
+        ConfigError: naming the key and, per target, every class under the
+            minimum with its images, and what to do.
+        DataError: a target is not prepared.
+    """
+    f = params.finetune
+    if f is None or f.min_images_per_class <= 0:
+        return
+    names = list(f.targets if targets is None else targets)
+    shapes = split_shapes(prepared_dir, names)
+    problems = []
+    for target in names:
+        shape = shapes.get((target, "train"))
+        if shape is None:
+            continue  # no train split: fine-tuning names that itself
+        _, short = without_small_classes(shape, f.min_images_per_class)
+        if short:
+            listed = ", ".join(f"{c} ({n})" for c, n in short.items())
+            problems.append(f"{target}/train: {len(short)} of {shape.classes} classes have fewer: {listed}")
+    if problems:
+        raise ConfigError(
+            f"finetune.min_images_per_class: {f.min_images_per_class} labelled images per class are required but\n  - "
+            + "\n  - ".join(problems)
+            + "\nFine-tuning keeps every class of a target (the model head, evaluation and serving cover them "
+            "all), so it cannot exclude a class: add images to these classes (or leave them out of the "
+            "target's data), lower finetune.min_images_per_class, or drop the target from finetune.targets."
+        )
+
+
 def check(params: Params, root: str | Path) -> None:
-    """Everything to verify before a long stage starts (today: episode shapes vs data).
+    """Everything to verify before a long stage starts: episode shapes and fine-tuning minimums vs data.
 
     Args:
         params: validated params.
         root: the project root (the prepared store is `params.data.prepared_dir` under it).
 
     Raises:
-        ConfigError, DataError: see `check_episode_shapes`.
+        ConfigError, DataError: see `check_episode_shapes` and `check_finetune_classes`.
     """
     check_episode_shapes(params, Path(root) / params.data.prepared_dir)
+    check_finetune_classes(params, Path(root) / params.data.prepared_dir)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metatransfer.data.sources import raw_files
+from metatransfer.data.fetch import raw_files
 
 
 def verify_raw(raw_dir: str | Path, datasets: tuple[str, ...] | list[str]) -> dict[str, list[str]]:

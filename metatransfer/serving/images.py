@@ -59,7 +59,7 @@ def preprocess(files: list[ImageFile], channels: int, size: int) -> np.ndarray:
             names the image.
     """
     from metatransfer.data import importers as imp
-    from metatransfer.data.prepare import convert_batch
+    from metatransfer.data.convert import convert_batch
 
     out = np.empty((len(files), channels, size, size), dtype=np.float32)
     # decode_image reads a path (its error path sniffs the file's first bytes), as prepare hands it one:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from metatransfer.data import sources
-from metatransfer.data.sources import DATASETS, fetch, get_source, resolve_mirror, verify_file
+from metatransfer.data.checksums import verify_file
+from metatransfer.data.fetch import MIRROR_ENV, fetch, fetch_file, resolve_mirror
+from metatransfer.data.sources import DATASETS, get_source
 from metatransfer.errors import ChecksumError, DataError
 
 
@@ -91,16 +92,16 @@ def test_missing_mirror_file_names_the_path_and_what_to_do(tmp_path: Path) -> No
 
 def test_mirror_only_file_without_mirror_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="character_index.csv: has no public download URL"):
-        sources.fetch_file(DATASETS["omniglot"].files[2], tmp_path / "x.csv", None)
+        fetch_file(DATASETS["omniglot"].files[2], tmp_path / "x.csv", None)
 
 
 def test_env_overrides_mirror_param(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(sources.MIRROR_ENV, raising=False)
+    monkeypatch.delenv(MIRROR_ENV, raising=False)
     assert resolve_mirror("rel/mirror", tmp_path) == (tmp_path / "rel/mirror").resolve()
     assert resolve_mirror("", tmp_path) is None
-    monkeypatch.setenv(sources.MIRROR_ENV, str(tmp_path / "env"))
+    monkeypatch.setenv(MIRROR_ENV, str(tmp_path / "env"))
     assert resolve_mirror("rel/mirror", tmp_path) == (tmp_path / "env").resolve()
-    monkeypatch.setenv(sources.MIRROR_ENV, "")
+    monkeypatch.setenv(MIRROR_ENV, "")
     assert resolve_mirror("rel/mirror", tmp_path) is None  # set but empty: download
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import metatransfer.episodes as episodes_mod
+import metatransfer.episodes.sampler as episodes_mod
 from metatransfer.data.store import SplitData
 from metatransfer.episodes import (
     EpisodeSampler,

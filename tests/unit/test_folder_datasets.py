@@ -15,7 +15,10 @@ from PIL import Image
 from metatransfer.config import ImageFolderParams, PrepareParams
 from metatransfer.data import importers as imp
 from metatransfer.data import prepare as prep
-from metatransfer.data.sources import DATASETS, fetch, read_manifest
+from metatransfer.data.checksums import read_manifest
+from metatransfer.data.convert import convert_batch
+from metatransfer.data.fetch import fetch
+from metatransfer.data.sources import DATASETS
 from metatransfer.data.store import load_manifest, load_split
 from metatransfer.errors import ChecksumError, DataError
 from tests.slices import HAM_DUPLICATE_PAIR, make_slice_mirror
@@ -129,7 +132,7 @@ def test_csv_layout_splits_classes_and_pixels(raw: Path, prepared: Path) -> None
     # pixels: the area-resized decoded JPEG, channel-first
     row = m.iloc[7]
     with Image.open(raw / "mini_imagenet" / row["source_path"]) as im:
-        ref = prep.convert_batch(imp.ImageBatch(np.asarray(im.convert("RGB"))[None]), 32, 3)[0]
+        ref = convert_batch(imp.ImageBatch(np.asarray(im.convert("RGB"))[None]), 32, 3)[0]
     assert (np.load(prepared / "mini_imagenet/images.npy", mmap_mode="r")[row["id"]] == ref).all()
 
 
@@ -257,13 +260,13 @@ def test_every_colour_mode_converted(tmp_path: Path) -> None:
     # RGBA: alpha dropped (an alpha of 7 does not darken the pixels)
     rgba = Path(by_name.loc["RGBA"].iloc[0]["source_path"])
     with Image.open(rgba) as im:
-        ref = prep.convert_batch(imp.ImageBatch(np.asarray(im.convert("RGB"))[None]), 16, 3)[0]
+        ref = convert_batch(imp.ImageBatch(np.asarray(im.convert("RGB"))[None]), 16, 3)[0]
     assert (images[by_name.loc["RGBA"].iloc[0]["id"]] == ref).all()
     # I;16: scaled to 8 bits (x // 257), then replicated to 3 channels
     i16 = by_name.loc["I16"].iloc[0]
     with Image.open(i16["source_path"]) as im:
         ref16 = (np.asarray(im, np.int64) // 257).astype(np.uint8)
-    ref16 = prep.convert_batch(imp.ImageBatch(ref16[None, ..., None]), 16, 3)[0]
+    ref16 = convert_batch(imp.ImageBatch(ref16[None, ..., None]), 16, 3)[0]
     assert (images[i16["id"]] == ref16).all()
     assert m.groupby("split").size().to_dict() == {"test": 8, "train": 16, "val": 8}  # 12 per class train, round(4.08)=4 val
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 from metatransfer.config import ImageFolderParams, PrepareParams
 from metatransfer.data import importers as imp
 from metatransfer.data import prepare as prep
+from metatransfer.data.importers import decode
 from metatransfer.data.store import load_manifest
 
 
@@ -71,7 +72,7 @@ def test_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path: Path, m
     root = tmp_path / "tree"
     _png(root / "a/big.png", size=(50, 40))  # 2000 px
     _png(root / "a/fits.png", size=(40, 25), value=1)  # 1000 px: at the limit, kept
-    monkeypatch.setattr(imp, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 1000)
     loaded: list[str] = []
     real_load = ImageFile.ImageFile.load
 
@@ -102,14 +103,14 @@ def test_real_13000px_png_is_quarantined_before_decoding(tmp_path: Path, monkeyp
     data = imp.materialise(imp.import_image_folder(root, "t"))
     # PIL's guard (a warning, an error here) fires in Image.open, before the header check
     assert _reasons(data)["bomb.png"].startswith("too large: Image size (169000000 pixels) exceeds limit")
-    limit = f"not decoded (the limit here is {imp.MAX_IMAGE_PIXELS:,} pixels, MAX_IMAGE_PIXELS)"
+    limit = f"not decoded (the limit here is {decode.MAX_IMAGE_PIXELS:,} pixels, MAX_IMAGE_PIXELS)"
     assert limit in _reasons(data)["bomb.png"]
     assert _names(data) == ["ok.png"] and "bomb.png" not in loaded
 
 
 def test_decompression_bomb_warning_is_an_error_while_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # with our own limit out of the way, PIL's warning zone (89..179 Mpx by default) must still refuse the file
-    monkeypatch.setattr(imp, "MAX_IMAGE_PIXELS", 10**12)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 10**12)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)  # warn above 1500 px, error above 3000
     warn = _png(tmp_path / "warn.png", size=(50, 40))  # 2000 px: PIL would only warn
     error = _png(tmp_path / "error.png", size=(80, 40), value=1)  # 3200 px: PIL's own error

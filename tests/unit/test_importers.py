@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from metatransfer.data import importers as imp
-from metatransfer.data.prepare import convert_batch, pixel_hashes
+from metatransfer.data.convert import convert_batch, pixel_hashes
 from metatransfer.errors import DataError
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from metatransfer.config import ImageFolderParams, PrepareParams
 from metatransfer.data import prepare as prep
 from metatransfer.data.schemas import validate_manifest
-from metatransfer.data.sources import fetch
+from metatransfer.data.fetch import fetch
 from metatransfer.data.store import load_manifest
 from metatransfer.errors import DataError
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from metatransfer.config import ImageFolderParams, PrepareParams
 from metatransfer.data import prepare as prep
+from metatransfer.data.workdirs import _HOST
 
 
 def _dead_pid() -> int:
@@ -33,7 +34,7 @@ def _folder(path: Path, content: str = "x") -> Path:
 def test_dead_runs_folders_removed_live_and_foreign_kept(tmp_path: Path) -> None:
     out = _folder(tmp_path / "prepared", "good")
     dead, live = _dead_pid(), os.getpid()
-    host = prep._HOST
+    host = _HOST
     stale = [_folder(tmp_path / f".prepared.tmp-{host}-{dead}-0a1b2c3d"),
              _folder(tmp_path / f".prepared.old-{host}-{dead}-0a1b2c3d"),
              _folder(tmp_path / ".prepared.tmp-0123abcd")]  # made before tags named their owner
@@ -50,7 +51,7 @@ def test_dead_runs_folders_removed_live_and_foreign_kept(tmp_path: Path) -> None
 
 def test_store_moved_aside_by_a_killed_swap_is_put_back(tmp_path: Path) -> None:
     """A kill between the swap's two renames leaves no out_dir: the last good store comes back."""
-    dead, host = _dead_pid(), prep._HOST
+    dead, host = _dead_pid(), _HOST
     _folder(tmp_path / f".prepared.old-{host}-{dead}-0a1b2c3d", "last good")
     _folder(tmp_path / f".prepared.tmp-{host}-{dead}-0a1b2c3d", "new, never swapped in")
     prep.clean_stale_work_dirs(tmp_path / "prepared")
