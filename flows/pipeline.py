@@ -13,6 +13,11 @@ Prefect server with it. Runs found RUNNING after such a kill are closed at the
 next start.
 
     python -m flows.pipeline [--root DIR] [--force]
+
+`params` and `targets` are for deployments (flows/deploy.py): a params file
+made the project's params.yaml before the stages run, and the targets the
+`promote` step gates (finetune, a DVC stage, always trains every target of
+params.yaml).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from prefect import flow
 
 from flows import run_owned
 from flows.data import data
+from tasks.deployment import check_targets, use_params
 from tasks.recovery import recover_crashed_runs
 from tasks.registry import promote
 from tasks.stages import dvc_status, episodes, evaluate, finetune, meta_train, pretrain
@@ -31,12 +37,16 @@ from tasks.workspace import claim_workspace, release_workspace
 
 
 @flow(name="pipeline")
-def pipeline(root: str = ".", force: bool = False) -> dict:
+def pipeline(root: str = ".", force: bool = False, params: str | None = None,
+             targets: list[str] | None = None) -> dict:
     """Run every stage that changed.
 
     Args:
         root: the project root (holds dvc.yaml and params.yaml).
         force: re-run every stage even if DVC finds nothing changed.
+        params: a params file (relative to `root` or absolute) copied over root/params.yaml
+            before any stage runs; None keeps params.yaml.
+        targets: the targets `promote` gates (each must be in finetune.targets); None: all.
 
     Returns:
         {"ran": stages DVC ran, "mlflow_run_id": the parent run, "dvc_status": {} when clean,
@@ -44,6 +54,8 @@ def pipeline(root: str = ".", force: bool = False) -> dict:
     """
     claim_workspace(root)  # refuses while another pipeline or `dvc repro` runs here
     try:
+        use_params(root, params)
+        targets = check_targets(root, targets)
         recover_crashed_runs("pipeline")  # Prefect runs left "Running" by a killed process -> Crashed
         reap_stale_runs(root)  # MLflow runs left RUNNING -> FAILED, registry changes they made undone
         run_id = begin_run(root)
@@ -52,7 +64,7 @@ def pipeline(root: str = ".", force: bool = False) -> dict:
             ran = data(root, run_id, force)["ran"]
             for stage in (episodes, pretrain, meta_train, finetune, evaluate):
                 ran += stage(root, run_id, force)
-            promotion = promote(root, run_id)
+            promotion = promote(root, run_id, targets)
             status = "FINISHED"
         finally:
             end_run(run_id, root, status)
