@@ -37,6 +37,9 @@ TOOL_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # With an http:// tracking server MLflow prints "View run ... at: <url>" to stdout at each
+    # run's end, which would corrupt `--json` answers (tests/integration/test_tracking_server.py).
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
@@ -202,7 +205,7 @@ def cmd_serve(args: argparse.Namespace, root: Path) -> int:
         print(f"MLFLOW_TRACKING_URI={uri}")
         return EXIT_OK
     # Fail here with a clear message rather than in the server's start-up log.
-    version = registry._alias_version(registry.client_for(root), name, args.alias)
+    version = registry.alias_version(registry.client_for(root), name, args.alias)
     if version is None:
         raise registry.RegistryError(f"{name}@{args.alias}: no such registered model version in {uri}; "
                                      "see `metatransfer status`")

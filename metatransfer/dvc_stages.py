@@ -10,6 +10,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from metatransfer.tracking import parent_run
+
 
 @contextlib.contextmanager
 def _stage_environment(parent_run_id: str | None) -> Iterator[None]:
@@ -19,20 +21,16 @@ def _stage_environment(parent_run_id: str | None) -> Iterator[None]:
     (`python -m ...`) run in the same environment even when it was not
     activated; the MLflow parent run id lets stage runs attach to it.
     """
-    from metatransfer.tracking import PARENT_ENV
-
-    saved = {k: os.environ.get(k) for k in ("PATH", PARENT_ENV)}
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved["PATH"] or ""])
-    if parent_run_id:
-        os.environ[PARENT_ENV] = parent_run_id
+    saved = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), saved or ""])
     try:
-        yield
+        with parent_run(parent_run_id):
+            yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if saved is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = saved
 
 
 def reproduce_stage(
@@ -82,11 +80,3 @@ def pipeline_status(root: str | Path = ".") -> dict:
 
     with dvc_repo(root) as repo:
         return dict(repo.status())
-
-
-def lock_digest(root: str | Path = ".") -> str:
-    """SHA-256 of dvc.lock (a compact id of the data + code state), or "" when absent."""
-    import hashlib
-
-    path = Path(root) / "dvc.lock"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""

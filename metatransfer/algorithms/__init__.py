@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor, StepResult
+from metatransfer.config import Params, register_params_check
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec
 
@@ -61,6 +62,30 @@ def build_algorithm(
     return cls(backbone=backbone, n_way=n_way, hparams=hp, num_classes=num_classes)
 
 
+def check_params(params: Params) -> None:
+    """The algorithm checks of params.yaml: every name in `meta_train.algorithms` and
+    `meta_train.hparams` is registered, and each `hparams.<name>` mapping is valid for it.
+
+    Registered with `metatransfer.config.register_params_check` when this package is
+    imported, so `params_from_mapping` runs it (config cannot import the algorithms).
+
+    Raises:
+        ConfigError: naming the key, the unknown name and the valid ones, or the bad hyper-parameter.
+    """
+    m = params.meta_train
+    if m is None:
+        return
+    for name in m.algorithms:
+        if name not in REGISTRY:
+            raise ConfigError(f"meta_train.algorithms: unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
+    for name, hp in m.hparams.items():
+        if name not in REGISTRY:
+            raise ConfigError(f"meta_train.hparams.{name}: unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
+        algorithm_class(name).hparams_class.from_mapping(hp, f"meta_train.hparams.{name}")
+
+
+register_params_check(check_params)
+
 __all__ = [
     "REGISTRY",
     "Hparams",
@@ -69,4 +94,5 @@ __all__ = [
     "StepResult",
     "algorithm_class",
     "build_algorithm",
+    "check_params",
 ]

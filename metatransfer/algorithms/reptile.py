@@ -18,8 +18,9 @@ the common "Reptile gradient into Adam" variant, which works with the small
 meta learning rate shared by the other algorithms.
 
 Inner optimiser: the paper's code uses Adam with β1 = 0 (β2 = 0.999,
-eps = 1e-8) at learning rate 1e-3, the default here (`inner_optimizer="adam"`);
-its moment estimate restarts at zero for every task (the reference code kept
+eps = 1e-8) at learning rate 1e-3, the default here (`inner_optimizer="adam"`,
+`torch.optim.Adam(betas=(0.0, 0.999))` over the fast weights); its moment
+estimate restarts at zero for every task (the reference code kept
 it across tasks, a side effect of its variable handling). `"sgd"` gives
 plain SGD, whose update is easy to check by hand. Each inner step uses a
 mini-batch of `inner_batch` support examples drawn without replacement from a
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from metatransfer.algorithms import _inner
-from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
+from metatransfer.algorithms.base import Hparams, StepResult, episode_accuracy
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec
@@ -94,6 +95,20 @@ def _batches(
     return out
 
 
+def inner_optimizer(
+    params: list[torch.Tensor], optimizer: str, lr: float
+) -> torch.optim.Optimizer:
+    """The inner optimiser over fast weights: "sgd", or "adam" with β1 = 0 (the paper's code).
+
+    Adam with β1 = 0 keeps no first moment (m_t = g_t, bias correction 1), so
+    a step is φ ← φ − lr·g/(√v̂ + ε) with v ← β2·v + (1 − β2)·g², v̂ = v/(1 − β2^t):
+    the update of the paper's code. A new optimiser per call restarts v at zero.
+    """
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.0, ADAM_BETA2), eps=ADAM_EPS)
+    return torch.optim.SGD(params, lr=lr)
+
+
 def inner_train(
     model: torch.nn.Module,
     start: _inner.Params,
@@ -108,14 +123,13 @@ def inner_train(
     """Train a copy of `start` on (x, y) and return the final weights (no graph to `start`).
 
     Args:
-        model: module giving the structure.
+        model: module giving the structure (run functionally: its own
+            parameters are neither used nor changed).
         start: starting weights by name (not modified).
         x, y: the support set.
         steps: optimiser steps.
         lr: learning rate.
-        optimizer: "sgd" (φ ← φ − lr·g) or "adam" with β1 = 0
-            (φ ← φ − lr·g/(√v̂ + ε), v ← β2·v + (1 − β2)·g², v̂ = v/(1 − β2^t),
-            v starting at zero for every call).
+        optimizer: "sgd" or "adam" (β1 = 0), see `inner_optimizer`.
         batch: examples per step (0 = full batch).
         generator: RNG for the mini-batch order (None = torch's global RNG).
 
@@ -123,22 +137,14 @@ def inner_train(
         The adapted weights φ (detached tensors).
     """
     fast = _inner.detached(start)
-    names = list(fast)
-    second_moment = {n: torch.zeros_like(p) for n, p in fast.items()}
+    opt = inner_optimizer(list(fast.values()), optimizer, lr)
     with torch.enable_grad():
-        for t, idx in enumerate(_batches(len(y), batch, steps, generator), start=1):
+        for idx in _batches(len(y), batch, steps, generator):
             idx = idx.to(y.device)
+            opt.zero_grad(set_to_none=True)
             loss, _ = _inner.loss_and_logits(model, fast, x[idx], y[idx])
-            grads = torch.autograd.grad(loss, [fast[n] for n in names])
-            with torch.no_grad():
-                for name, g in zip(names, grads, strict=True):
-                    if optimizer == "adam":
-                        v = second_moment[name].mul_(ADAM_BETA2)
-                        v.addcmul_(g, g, value=1 - ADAM_BETA2)
-                        v_hat = v / (1 - ADAM_BETA2**t)
-                        fast[name] -= lr * g / (v_hat.sqrt() + ADAM_EPS)
-                    else:
-                        fast[name] -= lr * g
+            loss.backward()
+            opt.step()
     return {k: v.detach() for k, v in fast.items()}
 
 
@@ -238,34 +244,11 @@ class Reptile(_inner.GradientLearner):
                 p.grad = p.detach() - phi_sum[k] / n_tasks
         return StepResult(loss=total_loss / n_tasks, acc=total_acc / n_tasks)
 
-    def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
-    ) -> Predictor:
-        """Train a copy of θ for `eval_inner_steps` inner-optimiser steps on the support set.
+    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.Params:
+        """`eval_inner_steps` inner-optimiser steps on the support set, from `work`'s weights.
 
-        A different `n_way` than `self.n_way` starts from a zero head (see
-        `_inner.working_copy`). Mini-batches come from a fixed-seed generator, so
-        the result does not depend on the global RNG. θ is not modified.
-
-        Args:
-            support_x, support_y: the labelled support set (labels 0..n_way-1).
-            n_way: number of classes.
-            unlabeled_x: ignored.
-
-        Returns:
-            A frozen classifier (images → logits) holding the adapted weights.
+        Mini-batches come from a fixed-seed generator, so the result does not
+        depend on the global RNG.
         """
-        work = _inner.working_copy(self.model, n_way)
         generator = torch.Generator().manual_seed(ADAPT_SEED)
-        phi = self._train_task(
-            _inner.parameters_of(work),
-            support_x.to(self.device),
-            support_y.to(self.device),
-            self.hparams.eval_inner_steps,
-            generator,
-        )
-        return _inner.freeze_with(work, phi)
+        return self._train_task(_inner.parameters_of(work), x, y, self.hparams.eval_inner_steps, generator)

@@ -20,15 +20,16 @@ from typing import Any
 
 import pandas as pd
 
+from metatransfer import layout
 from metatransfer.config import Params
 from metatransfer.data.store import MANIFEST_FILE
-from metatransfer.dvc_stages import lock_digest
 from metatransfer.errors import DataError
-from metatransfer.tracking import dvc_out_md5, git_commit, read_run_facts
+from metatransfer.provenance import identify
+from metatransfer.tracking import read_run_facts
 
 log = logging.getLogger(__name__)
 
-PROMOTION_PATH = Path("reports") / "promotion.json"
+PROMOTION_PATH = layout.PROMOTION_RECORD
 TARGET_SPLITS = ("train", "val", "test")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -65,17 +66,18 @@ def run_facts(root: Path, params: Params | None) -> RunFacts:
 
     Args:
         root: the project root.
-        params: the loaded params (for the prepared-data path and the seed); None uses defaults.
+        params: the loaded params (for the prepared-data path and the seed); None reads the path from
+            root/params.yaml (`provenance.prepared_key`).
 
     Returns:
         The facts; empty strings where git/DVC have nothing recorded.
     """
-    prepared = params.data.prepared_dir if params is not None else "data/prepared"
+    identity = identify(root, params.data.prepared_dir if params is not None else None)
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
     return RunFacts(
-        git_commit=git_commit(root),
-        dvc_lock_sha256=lock_digest(root),
-        data_version=dvc_out_md5(root, prepared),
+        git_commit=identity.git_commit,
+        dvc_lock_sha256=identity.dvc_lock_sha256,
+        data_version=identity.data_version,
         generated_utc=now,
         project=Path(root).resolve().name,
         seed=params.seed if params is not None else None,

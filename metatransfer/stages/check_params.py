@@ -21,14 +21,15 @@ import logging
 import sys
 from pathlib import Path
 
+import metatransfer.algorithms  # noqa: F401  (registers the algorithm checks that load_params runs)
 from metatransfer.config import Params
 from metatransfer.errors import ConfigError
 from metatransfer.io import write_text_atomic
+from metatransfer.layout import MANIFEST_DIR, PARAMS_OK, Layout  # noqa: F401  (MANIFEST_DIR: for callers)
 
 log = logging.getLogger(__name__)
 
-OUT = Path("data") / "checks" / "params.ok"
-MANIFEST_DIR = Path("data") / "checks" / "image_folders"
+OUT = PARAMS_OK  # relative to the project root (metatransfer.layout); the name stays for callers
 # Constant: downstream stages depend on these bytes, not on params.yaml.
 CONTENT = "params.yaml passed validation (metatransfer/config.py, metatransfer/stages/check_params.py)\n"
 
@@ -63,7 +64,7 @@ def remove_stale_manifests(params: Params, root: Path) -> list[Path]:
     Returns:
         The files removed.
     """
-    folder = root / MANIFEST_DIR
+    folder = Layout.of(root, params).manifest_dir
     stale = [p for p in sorted(folder.glob("*.json")) if p.stem not in params.prepare.image_folders] \
         if folder.is_dir() else []
     for path in stale:
@@ -81,7 +82,7 @@ def run(params: Params, root: Path) -> None:
     """Check what needs the project folder, drop stale manifests, write the marker."""
     check_paths(params, root)
     remove_stale_manifests(params, root)
-    write_marker(root / OUT)
+    write_marker(Layout.of(root, params).params_ok)
     log.info("params.yaml is valid")
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import metatransfer.algorithms  # noqa: F401  (registers the algorithm checks load_params runs: every stage validates them)
 from metatransfer.config import Params, load_params
 from metatransfer.io import write_json_atomic
 

@@ -19,9 +19,9 @@ from metatransfer.data.store import load_split
 from metatransfer.episodes import load_fixed_episodes
 from metatransfer.evaluation.episodic import episode_accuracies
 from metatransfer.evaluation.stats import mean_ci, paired_difference
-from metatransfer.stages.episodes import episode_path
+from metatransfer.layout import METRICS_DIR, Layout
 from metatransfer.learners import load_method, method_folder
-from metatransfer.stages.finetune import to_float
+from metatransfer.pixels import to_float
 from metatransfer.training.finetune import load_target_model
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def verify_meta_models(methods: tuple[str, ...], root: Path) -> None:
 
     from metatransfer.artifacts import verify_weights
 
-    recorded_path = root / "metrics" / "meta_train.json"
+    recorded_path = root / METRICS_DIR / "meta_train.json"
     recorded = json.loads(recorded_path.read_text()) if recorded_path.is_file() else {}
     for method in methods:
         sha = (recorded.get(method) or {}).get("weights_sha256")
@@ -51,7 +51,7 @@ def verify_meta_models(methods: tuple[str, ...], root: Path) -> None:
 def evaluate_episodes(params: Params, root: Path) -> dict[str, dict[str, dict[int, np.ndarray]]]:
     """Per-episode accuracies: {set: {method: {shots: array}}}."""
     assert params.episodes is not None and params.evaluate is not None
-    prepared = root / params.data.prepared_dir
+    layout = Layout.of(root, params)
     verify_meta_models(params.evaluate.methods, root)
     from metatransfer import runtime
 
@@ -59,13 +59,13 @@ def evaluate_episodes(params: Params, root: Path) -> dict[str, dict[str, dict[in
     learners = {m: load_method(m, params, root).to(device) for m in params.evaluate.methods}
     out: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     for set_name, s in params.episodes.sets.items():
-        split = load_split(prepared, s.dataset, s.split)
+        split = load_split(layout.prepared_dir, s.dataset, s.split)
         out[set_name] = {m: {} for m in learners}
         from metatransfer.progress import progress
 
         with progress(len(s.shots) * s.n_episodes * len(learners), f"evaluate {set_name}", unit="episode") as bar:
             for k in s.shots:
-                fe = load_fixed_episodes(episode_path(root / "data" / "episodes", set_name, k))
+                fe = load_fixed_episodes(layout.episode_file(set_name, k))
                 episodes = [fe.materialise(i, split) for i in range(s.n_episodes)]
                 for method, learner in learners.items():
                     torch.manual_seed(params.seed)  # methods with random heads/inits are repeatable
@@ -102,18 +102,18 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
     from metatransfer import runtime
 
     device = runtime.device_for(params)
-    prepared = root / params.data.prepared_dir
+    layout = Layout.of(root, params)
     for target in params.finetune.targets:
-        test = load_split(prepared, target, "test")
+        test = load_split(layout.prepared_dir, target, "test")
         x, y = to_float(test.images).to(device), torch.from_numpy(test.labels.astype(np.int64)).to(device)
-        selection = json.loads((root / "models" / "target" / target / "selection.json").read_text())
+        selection = json.loads(layout.selection(target).read_text())
         names = list(test.class_names)
         # Class names (full `<dataset>/<class>`, label order) and test images per class: the report and
         # reports/evaluate.md show per-class recall and the shipped model's confusion matrix by name.
         out[target] = {"chosen": selection["chosen"], "reason": selection["reason"], "class_names": names,
                        "class_counts": [int((test.labels == c).sum()) for c in range(len(names))], "methods": {}}
         for method in params.finetune.methods:
-            model = load_target_model(root / "models" / "target" / target / method,
+            model = load_target_model(layout.target_model(target, method),
                                       expected_sha256=selection["methods"][method].get("weights_sha256")).to(device)
             with torch.no_grad():
                 feats = torch.cat([model.backbone(x[i : i + 512]) for i in range(0, len(x), 512)])
@@ -122,7 +122,7 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
             if method == selection["chosen"]:
                 from metatransfer.evaluation.plots import plot_confusion_matrix, plot_embedding_map
 
-                out_dir = root / "plots" / "evaluate"
+                out_dir = layout.plots("evaluate")
                 plot_confusion_matrix(test.labels, pred.numpy(), list(test.class_names),
                                       f"{target}: {method} (shipped), test split", out_dir / f"{target}_confusion.png")
                 plot_embedding_map(feats.numpy(), test.labels, list(test.class_names),
@@ -229,23 +229,25 @@ def run(params: Params, root: Path) -> dict[str, Any]:
 
     ev = params.evaluate
     assert ev is not None and params.episodes is not None
+    layout = Layout.of(root, params)
+    plots = layout.plots("evaluate")
     with tracking.stage_run("evaluate", root, flatten(params)):
         accs = evaluate_episodes(params, root)
         table = summarise(accs, ev.reference, ev.confidence)
         targets = evaluate_target_models(params, root, ev.confidence)
         metrics = {"episodes": table, "target_models": targets}
-        write_json(root / "metrics" / "evaluate.json", metrics)
+        write_json(layout.metrics("evaluate"), metrics)
         for set_name, by_method in table.items():
             rows = [{"method": m, "shots": int(k), "acc": r["acc_mean"], "ci95": r["acc_ci95"]}
                     for m, by_shot in by_method.items() for k, r in by_shot.items()]
-            write_json(root / "plots" / "evaluate" / f"{set_name}.json", rows)
+            write_json(plots / f"{set_name}.json", rows)
             png = plot_accuracy_vs_shots({m: {int(k): (r["acc_mean"], r["acc_ci95"]) for k, r in bs.items()} for m, bs in by_method.items()},
-                                         f"{set_name}: accuracy vs shots", root / "plots" / "evaluate" / f"{set_name}_shots.png")
+                                         f"{set_name}: accuracy vs shots", plots / f"{set_name}_shots.png")
             tracking.log_artifact(png, "plots")
             last = str(max(int(k) for k in next(iter(by_method.values()))))
             diffs = {m: (bs[last]["diff_vs_reference"], bs[last]["diff_ci95"]) for m, bs in by_method.items() if "diff_vs_reference" in bs[last]}
             if diffs:
-                png = plot_paired_differences(diffs, ev.reference, f"{set_name}, {last}-shot", root / "plots" / "evaluate" / f"{set_name}_diff.png")
+                png = plot_paired_differences(diffs, ev.reference, f"{set_name}, {last}-shot", plots / f"{set_name}_diff.png")
                 tracking.log_artifact(png, "plots")
             for m, by_shot in by_method.items():
                 for k, r in by_shot.items():
@@ -254,10 +256,10 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         for target, t in targets.items():
             for m, r in t["methods"].items():
                 tracking.log_metrics({f"target/{target}/{m}/test_acc": r["test_acc"]})
-        report = root / "reports" / "evaluate.md"
+        report = layout.evaluate_report
         write_report(report, table, targets, ev.reference, params)
         tracking.log_artifact(report, "report")
-        for png in sorted((root / "plots" / "evaluate").glob("*_confusion.png")) + sorted((root / "plots" / "evaluate").glob("*_embedding.png")):
+        for png in sorted(plots.glob("*_confusion.png")) + sorted(plots.glob("*_embedding.png")):
             tracking.log_artifact(png, "plots")
         tracking.log_dict(metrics, "metrics/evaluate.json")
         from metatransfer.report import build_report

@@ -3,7 +3,8 @@
 Copies from the mirror (`data.mirror`, overridden by the environment variable
 METATRANSFER_MIRROR) or downloads from the official URLs when it is empty;
 every file is checksum-verified and written atomically. Paths are relative to
-the working directory (the project root).
+the project root, the folder of the params file (metatransfer.layout), not to
+the working directory.
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ import logging
 import sys
 from pathlib import Path
 
-from metatransfer.data.sources import fetch, resolve_mirror
+from metatransfer.data.fetch import fetch, resolve_mirror
+from metatransfer.layout import Layout
 
 log = logging.getLogger(__name__)
 
 
 def run(params, root: Path) -> dict[str, list[str]]:
     """Fetch every dataset of `fetch.datasets`; logs the files to an MLflow `fetch` run.
+
+    Args:
+        params: validated params.
+        root: the project root (the params file's folder): the raw folder and a
+            relative mirror path are resolved against it.
 
     Returns:
         {dataset: [file names]}.
@@ -27,7 +34,7 @@ def run(params, root: Path) -> dict[str, list[str]]:
     from metatransfer.config import flatten
 
     mirror = resolve_mirror(params.data.mirror, root)
-    raw_dir = root / params.data.raw_dir
+    raw_dir = Layout.of(root, params).raw_dir
     log.info("fetching %s into %s from %s", list(params.fetch.datasets), raw_dir,
              mirror if mirror else "the official URLs")
     fetched: dict[str, list[str]] = {}
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     from metatransfer.stages.common import run_stage
 
-    return run_stage("fetch", argv, lambda params, root: run(params, Path.cwd()))
+    return run_stage("fetch", argv, run)
 
 
 if __name__ == "__main__":

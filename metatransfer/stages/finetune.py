@@ -10,7 +10,7 @@ The shipped model of every target is registered in the MLflow Model Registry
 as a new version of `metatransfer-<target>` (alias `challenger`), and the
 few-shot learner of the chosen method as `metatransfer-<target>-learner`;
 both carry the data version, git commit, params digest and the validation
-table (metatransfer/registry.py). Promotion to `champion` is a separate
+table (metatransfer/registry/publish.py). Promotion to `champion` is a separate
 registry action (`metatransfer promote`)."""
 
 from __future__ import annotations
@@ -26,21 +26,14 @@ import torch
 
 from metatransfer.config import FinetuneParams, Params
 from metatransfer.data.store import SplitData, load_split
+from metatransfer.layout import Layout
 from metatransfer.learners import load_method
+from metatransfer.pixels import to_float
 from metatransfer.episodes import split_fingerprint
 from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint, state_digest
 from metatransfer.training.finetune import FinetuneResult, FinetuneSettings, finetune, select_method
 
 log = logging.getLogger(__name__)
-
-# One checkpoint folder per target and method, outside DVC's outputs; removed
-# when the stage has succeeded (see metatransfer/training/checkpoint.py).
-CHECKPOINT_DIR = "checkpoints/finetune"
-
-
-def to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, C, H, W) → float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
 
 
 def per_class_subset(split: SplitData, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +84,13 @@ def finetune_target(
     from metatransfer.progress import progress, progress_sink
 
     f: FinetuneParams = params.finetune  # type: ignore[assignment]
-    prepared = root / params.data.prepared_dir
-    train = load_split(prepared, target, "train")
-    val = load_split(prepared, target, "val")
+    layout = Layout.of(root, params)
+    train = load_split(layout.prepared_dir, target, "train")
+    val = load_split(layout.prepared_dir, target, "val")
+    from metatransfer.preflight import check_finetune_classes
+
+    # Refuses a class under finetune.min_images_per_class (no class is ever dropped: see there).
+    check_finetune_classes(params, layout.prepared_dir, [target])
     shots = shots_used(train, f.shots_per_class)
     if shots["fewer_than_requested"]:
         log.warning("%s: finetune.shots_per_class is %d but %d of %d classes have fewer labelled train images; "
@@ -111,7 +108,9 @@ def finetune_target(
     for method in f.methods:
         learner = load_method(method, params, root)
         sink = sink_factory(method) if sink_factory else None
-        ckpt = CheckpointConfig(root / CHECKPOINT_DIR / target / method, f.checkpoint_every, fingerprint({
+        # One checkpoint folder per target and method, outside DVC's outputs; removed when the
+        # stage has succeeded (see metatransfer/training/checkpoint.py).
+        ckpt = CheckpointConfig(layout.checkpoints("finetune") / target / method, f.checkpoint_every, fingerprint({
             # What must match to resume: the learner's weights, data, finetune params, code.
             "target": target, "method": method, "seed": params.seed, "finetune": repr(f),
             "learner": state_digest(learner.state_dict()),
@@ -140,43 +139,46 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     f = params.finetune
     assert f is not None
     summary: dict[str, Any] = {}
-    out = root / "models" / "target"
+    layout = Layout.of(root, params)
     with tracking.stage_run("finetune", root, flatten(params)) as run:
         for target in f.targets:
-            tracking.log_dataset(f"{target}/train", str(root / params.data.prepared_dir / target), tracking.dvc_out_md5(root, "data/prepared"), "finetune")
+            tracking.log_dataset(f"{target}/train", str(layout.prepared_dataset(target)),
+                                 tracking.dvc_out_md5(root, layout.prepared_key), "finetune")
 
             def sink_factory(method: str, target: str = target):
-                def sink(name: str, value: float, step: int) -> None:
-                    import mlflow
+                # Every finetune metric is "finetune/<target>/...": the loop's "finetune/loss"
+                # becomes "finetune/<target>/<method>/loss" (one run holds every target and method).
+                log_metric = tracking.metric_sink()
 
-                    mlflow.log_metric(f"{target}/{method}/{name}", float(value), step=step)
+                def sink(name: str, value: float, step: int) -> None:
+                    log_metric(f"finetune/{target}/{method}/{name.removeprefix('finetune/')}", value, step)
                 return sink
 
             results, chosen, reason, shots = finetune_target(target, params, root, sink_factory)
             tracking.log_class_names(target, results[chosen].model.class_names)  # tag + classes/<target>.json
             tracking.log_params({f"{target}/shots_used": json.dumps(shots["per_class"], sort_keys=True)})
-            tracking.log_metrics({f"{target}/shots_min": min(shots["per_class"].values(), default=0)})
+            tracking.log_metrics({f"finetune/{target}/shots_min": min(shots["per_class"].values(), default=0)})
             entry: dict[str, Any] = {"chosen": chosen, "reason": reason, "shots": shots, "methods": {}}
             for method, r in results.items():
-                sums = save_target_model(r.model, out / target / method, extra={"val_acc": r.val_acc, "best_step": r.best_step})
+                sums = save_target_model(r.model, layout.target_model(target, method), extra={"val_acc": r.val_acc, "best_step": r.best_step})
                 gate = registry.target_gate(r.val_correct, r.val_n, r.val_chance, params)
                 entry["methods"][method] = {"val_acc": r.val_acc, "best_step": r.best_step, "steps": r.steps_done,
                                             "weights_sha256": sums["model.safetensors"], registry.QUALITY_TAG: gate.to_dict()}
-                tracking.log_metrics({f"{target}/{method}/val_acc": r.val_acc})
+                tracking.log_metrics({f"finetune/{target}/{method}/best_val_acc": r.val_acc})
             # Logs and registers the chosen model unless the quality gate refused it. Its URIs and
             # versions are run-specific: MLflow + reports/run_facts.json, not selection.json (a DVC output).
-            facts = registry.publish_finetune_result(root, params, target, entry, out / target / chosen, run.info.run_id)
+            facts = registry.publish_finetune_result(root, params, target, entry, layout.target_model(target, chosen), run.info.run_id)
             tracking.record_run_facts(root, "finetune", {"run_id": run.info.run_id, target: facts})
-            write_json(out / target / "selection.json", entry)
+            write_json(layout.selection(target), entry)
             tracking.log_dict({**entry, **facts}, f"selection/{target}.json")
-            tracking.log_metrics({f"{target}/selected_val_acc": results[chosen].val_acc})
+            tracking.log_metrics({f"finetune/{target}/selected_val_acc": results[chosen].val_acc})
             png = plot_curves({m: r.curve for m, r in results.items()}, "step", "val_acc",
-                              f"{target}: target validation accuracy during fine-tuning", root / "plots" / "finetune" / f"{target}.png")
+                              f"{target}: target validation accuracy during fine-tuning", layout.plots("finetune") / f"{target}.png")
             tracking.log_artifact(png, "plots")
             summary[target] = entry
             log.info("%s: ship %s (%s)", target, chosen, reason)
-        write_json(root / "metrics" / "finetune.json", summary)
-    clear_checkpoints(root / CHECKPOINT_DIR)  # only now: a kill before this resumes from them
+        write_json(layout.metrics("finetune"), summary)
+    clear_checkpoints(layout.checkpoints("finetune"))  # only now: a kill before this resumes from them
     return summary
 
 

@@ -25,10 +25,9 @@ from typing import Any
 from metatransfer.config import Params
 from metatransfer.errors import ConfigError
 from metatransfer.io import sha256_file, write_text_atomic
+from metatransfer.layout import Layout
 
 log = logging.getLogger(__name__)
-
-MANIFEST_DIR = Path("data") / "checks" / "image_folders"
 
 
 def folder_manifest(folder: Path) -> list[list[Any]]:
@@ -83,7 +82,7 @@ def run(name: str, params: Params, root: Path) -> Path:
     folder = Path(params.prepare.image_folders[name].path)
     folder = folder if folder.is_absolute() else root / folder
     rows = folder_manifest(folder)
-    out = root / MANIFEST_DIR / f"{name}.json"
+    out = Layout.of(root, params).manifest(name)
     write_manifest(name, rows, out)
     log.info("%s: %d entries in %s -> %s", name, len(rows), folder, out)
     return out

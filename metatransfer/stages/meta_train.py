@@ -23,19 +23,19 @@ from metatransfer.algorithms import build_algorithm
 from metatransfer.artifacts import save_learner
 from metatransfer.config import MetaTrainParams, Params, flatten
 from metatransfer.data.store import SplitData, load_split
-from metatransfer.episodes import build_fixed_episodes, split_fingerprint
+from metatransfer.episodes import split_fingerprint
 from metatransfer.errors import ConfigError
+from metatransfer.layout import Layout
 from metatransfer.learners import backbone_spec, init_backbone
 from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint, state_digest
 from metatransfer.training.meta_train import MetricSink, TrainResult, TrainSettings, meta_train
-from metatransfer.training.sources import mixed_source_sampler
+from metatransfer.training.sources import meta_train_sampler, meta_val_episodes
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints/meta_train"
 # The code a checkpoint depends on (the stage's DVC deps): edited code must not
 # resume from weights the old code produced.
-CODE_PATHS = ("algorithms", "models", "episodes.py", "training", "stages/meta_train.py")
+CODE_PATHS = ("algorithms", "models", "episodes", "training", "stages/meta_train.py")
 
 
 def checkpoint_fingerprint(algorithm: str, params: Params, splits: list[SplitData],
@@ -76,11 +76,10 @@ def train_one(
     """
     m: MetaTrainParams = params.meta_train  # type: ignore[assignment]
     splits = [load_split(prepared_dir, s.dataset, "meta_train") for s in m.sources]
-    source = mixed_source_sampler(
-        splits, [s.weight for s in m.sources], m.n_way, m.k_shot, m.n_query, params.seed, m.rotation_augment
-    )
+    # Each source with its own k_shot/n_query and minimum images per class (defaults: meta_train's, none).
+    source = meta_train_sampler(m, splits, params.seed)
     val_split = load_split(prepared_dir, m.sources[0].dataset, "meta_val")
-    fixed = build_fixed_episodes(val_split, m.n_way, m.k_shot, m.n_query, m.val_episodes, params.seed + 1)
+    fixed = meta_val_episodes(m, val_split, params.seed + 1)
     val_episodes = [fixed.materialise(i, val_split) for i in range(m.val_episodes)]
     torch.manual_seed(params.seed)
     learner = build_algorithm(
@@ -122,27 +121,28 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     m = params.meta_train
     assert m is not None
     preflight.check(params, root)  # shape mistakes fail now, not minutes into training
-    prepared = root / params.data.prepared_dir
-    models_dir, plots_dir = root / "models" / "meta", root / "plots" / "meta_train"
+    layout = Layout.of(root, params)
+    prepared, plots_dir, checkpoints = layout.prepared_dir, layout.plots("meta_train"), layout.checkpoints("meta_train")
     summary: dict[str, Any] = {}
     facts: dict[str, Any] = {}  # run-specific (timings, MLflow URIs): reports/run_facts.json + MLflow, not DVC outputs
     curves: dict[str, list[dict[str, float]]] = {}
     with tracking.stage_run("meta_train", root, flatten(params)) as stage_run:
         for s in m.sources:
-            tracking.log_dataset(f"{s.dataset}/meta_train", str(prepared / s.dataset), tracking.dvc_out_md5(root, "data/prepared"), "meta_train")
+            tracking.log_dataset(f"{s.dataset}/meta_train", str(layout.prepared_dataset(s.dataset)),
+                                 tracking.dvc_out_md5(root, layout.prepared_key), "meta_train")
         for algorithm in m.algorithms:
             with tracking.child_run(f"meta_train/{algorithm}", tags={"algorithm": algorithm, "stage": "meta_train"}):
                 tracking.log_params({f"algorithm": algorithm, **{f"hparams.{k}": v for k, v in (m.hparams.get(algorithm) or {}).items()}})
                 result = train_one(algorithm, params, prepared, sink=tracking.metric_sink(),
-                                   checkpoint_dir=root / CHECKPOINT_DIR / algorithm, root=root)
-                sums = save_learner(result.learner, models_dir / algorithm, extra={"best_step": result.best_step})
+                                   checkpoint_dir=checkpoints / algorithm, root=root)
+                sums = save_learner(result.learner, layout.meta_learner(algorithm), extra={"best_step": result.best_step})
                 # Recorded in MLflow so a loaded artifact can be checked against the run that made it.
                 tracking.log_params({"weights_sha256": sums["model.safetensors"],
                                      "resumed_from_step": result.resumed_from if result.resumed_from is not None else "none"})
                 gate = registry.learner_gate(result.best_val_episode_accs, m.n_way, params)
                 uri = None
                 if gate.passed:
-                    uri = tracking.log_few_shot_model(models_dir / algorithm, params.prepare.channels,
+                    uri = tracking.log_few_shot_model(layout.meta_learner(algorithm), params.prepare.channels,
                                                       params.prepare.image_size, name=f"learner_{algorithm}")
                 else:  # still saved above (a DVC output: the pipeline goes on), never logged as a model
                     log.warning("%s: quality gate: learner NOT logged or registered as a challenger: %s",
@@ -159,16 +159,19 @@ def run(params: Params, root: Path) -> dict[str, Any]:
                 facts[algorithm] = {"model_uri": uri, "seconds": round(result.seconds, 2),
                                     "train_seconds": round(result.train_seconds, 2), "budget_hit": result.budget_hit or "none"}
                 tracking.log_metrics({"val/best_acc": result.best_val_acc, "meta_train/seconds": result.seconds,
-                                      "meta_train/steps": result.steps_done, "meta_train/nonfinite_total": result.faults})
+                                      "meta_train/steps": result.steps_done})
+                # One name for the fault count: the loop logs the running count of skipped steps
+                # under it at each fault; its last point is the total (0 when nothing was skipped).
+                tracking.log_metrics({"meta_train/nonfinite_skips": result.faults}, step=result.steps_done)
                 curves[algorithm] = result.val_curve
                 # The DVC plot keeps (step, acc) only: wall seconds differ run to run (they are in MLflow).
                 write_json(plots_dir / f"{algorithm}.json", [{"step": r["step"], "acc": r["acc"]} for r in result.val_curve])
         png = plot_curves(curves, "step", "acc", "meta-val accuracy during meta-training", plots_dir / "val_curve.png")
         tracking.log_artifact(png, "plots")
-        write_json(root / "metrics" / "meta_train.json", summary)
+        write_json(layout.metrics("meta_train"), summary)
         tracking.record_run_facts(root, "meta_train", {"run_id": stage_run.info.run_id, "algorithms": facts})
     # Only now: a kill before this line resumes every algorithm from its checkpoints.
-    clear_checkpoints(root / CHECKPOINT_DIR)
+    clear_checkpoints(checkpoints)
     return summary
 
 

@@ -23,13 +23,13 @@ from metatransfer.artifacts import save_learner
 from metatransfer.config import Params, PretrainParams, flatten
 from metatransfer.data.store import load_split
 from metatransfer.episodes import build_fixed_episodes, split_fingerprint
-from metatransfer.learners import PRETRAIN_DIR, backbone_spec, init_from_file
+from metatransfer.layout import Layout
+from metatransfer.learners import backbone_spec, init_from_file
 from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint
 from metatransfer.training.pretrain import PretrainResult, PretrainSettings, pretrain
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = Path("checkpoints") / "pretrain"
 CODE_PATHS = ("models", "augment.py", "training/pretrain.py", "stages/pretrain.py", "algorithms/baseline.py",
               "algorithms/baselinepp.py")
 
@@ -52,7 +52,7 @@ def train(params: Params, root: Path, sink=None, checkpoint_dir: Path | None = N
         (the learner holding the kept weights, the result, the number of source classes).
     """
     p: PretrainParams = params.pretrain  # type: ignore[assignment]
-    prepared_dir = root / params.data.prepared_dir
+    prepared_dir = Layout.of(root, params).prepared_dir
     splits = [load_split(prepared_dir, d, "meta_train") for d in p.datasets]
     val_split = load_split(prepared_dir, p.datasets[0], "meta_val")
     fixed = build_fixed_episodes(val_split, p.n_way, p.k_shot, p.n_query, p.val_episodes, params.seed + 1)
@@ -88,15 +88,16 @@ def run(params: Params, root: Path) -> dict[str, Any]:
 
     p = params.pretrain
     assert p is not None
-    prepared = root / params.data.prepared_dir
-    out, plots = root / PRETRAIN_DIR, root / "plots" / "pretrain"
+    layout = Layout.of(root, params)
+    out, plots, checkpoints = layout.pretrain_dir, layout.plots("pretrain"), layout.checkpoints("pretrain")
     with tracking.stage_run("pretrain", root, flatten(params)):
         for d in p.datasets:
-            tracking.log_dataset(f"{d}/meta_train", str(prepared / d), tracking.dvc_out_md5(root, "data/prepared"), "pretrain")
+            tracking.log_dataset(f"{d}/meta_train", str(layout.prepared_dataset(d)),
+                                 tracking.dvc_out_md5(root, layout.prepared_key), "pretrain")
         device = runtime.device_for(params)
         precision = runtime.precision_for(params)
         learner, result, n_classes = train(params, root, sink=tracking.metric_sink(),
-                                           checkpoint_dir=root / CHECKPOINT_DIR, device=device,
+                                           checkpoint_dir=checkpoints, device=device,
                                            autocast=lambda: runtime.autocast(device, precision))
         sums = save_learner(learner, out, extra={"best_step": result.best_step, "source_classes": n_classes})
         summary = {"best_val_acc": result.best_val_acc, "best_step": result.best_step, "steps": result.steps_done,
@@ -108,10 +109,10 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         png = plot_curves({"pretrain": result.curve}, "step", "acc",
                           "pretrain: nearest-centroid meta-val accuracy", plots / "val_curve.png")
         tracking.log_artifact(png, "plots")
-        write_json(root / "metrics" / "pretrain.json", summary)
+        write_json(layout.metrics("pretrain"), summary)
     log.info("pretrain: %d steps on %d classes, best meta-val %d-way %d-shot accuracy %.4f at step %d",
              result.steps_done, n_classes, p.n_way, p.k_shot, result.best_val_acc, result.best_step)
-    clear_checkpoints(root / CHECKPOINT_DIR)  # only now: a kill before this resumes from them
+    clear_checkpoints(checkpoints)  # only now: a kill before this resumes from them
     return summary
 
 

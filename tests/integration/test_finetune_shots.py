@@ -84,7 +84,13 @@ def test_finetune_records_the_shots_used_warns_and_reports_progress(tiny_target:
     exp = client.get_experiment_by_name("metatransfer")
     (finetune_run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'finetune'")
     assert json.loads(finetune_run.data.params[f"{TARGET}/shots_used"]) == shots["per_class"]
-    assert finetune_run.data.metrics[f"{TARGET}/shots_min"] == 2
+    assert finetune_run.data.metrics[f"finetune/{TARGET}/shots_min"] == 2
+    # Every finetune metric is named finetune/<target>/...: the loop's curve and the summary.
+    loss = client.get_metric_history(finetune_run.info.run_id, f"finetune/{TARGET}/scratch/loss")
+    assert [m.step for m in loss] == list(range(1, 11))
+    assert finetune_run.data.metrics[f"finetune/{TARGET}/scratch/best_val_acc"] == selection["methods"]["scratch"]["val_acc"]
+    assert finetune_run.data.metrics[f"finetune/{TARGET}/selected_val_acc"] == selection["methods"]["scratch"]["val_acc"]
+    assert not [k for k in finetune_run.data.metrics if not k.startswith("finetune/")]
     logged = json.loads(Path(client.download_artifacts(finetune_run.info.run_id, f"selection/{TARGET}.json")).read_text())
     assert logged["shots"] == shots
     # selection.json is a DVC output: a second run writes the same bytes.

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import metatransfer.algorithms  # noqa: F401  (registers the algorithm checks params_from_mapping runs)
 from metatransfer.config import Params, flatten, load_params, params_from_mapping
 from metatransfer.errors import ConfigError
 

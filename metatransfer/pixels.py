@@ -1,0 +1,23 @@
+"""The prepared store's uint8 pixels as the float32 tensors every model reads.
+
+One conversion for the stages that feed whole splits to a model (`finetune`,
+`evaluate`): division by 255 (not multiplication by 1/255), so 255 maps to
+exactly 1.0, as `metatransfer.episodes` and serving do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 images (N, C, H, W) as a float32 tensor in [0, 1].
+
+    Args:
+        images: pixels as the store holds them.
+
+    Returns:
+        A new float32 tensor of the same shape.
+    """
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)

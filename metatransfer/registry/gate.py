@@ -1,0 +1,144 @@
+"""The promotion gate: pure functions, no MLflow.
+
+The challenger and the reference (the current champion, or, while there is
+none, the target model fine-tuned from the baseline method) classify the same
+held-out episodes: the target's *test* split, shuffled with a fixed seed and
+cut into `n_episodes` disjoint episodes (`gate_episodes`). Per-episode
+accuracy differences give a paired Student-t interval; promote only if the
+mean gain is >= `margin` and the interval lies above 0 (`decide`). Disjoint
+episodes keep the per-episode values independent; overlapping resampled
+episodes would count each image many times and make the interval falsely
+narrow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from metatransfer.errors import MetatransferError
+from metatransfer.evaluation.stats import MeanCI, paired_difference
+
+
+class RegistryError(MetatransferError):
+    """A registry action cannot be done as asked (missing model, alias or history, bad gate settings)."""
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """The promotion gate.
+
+    margin: minimum mean per-episode accuracy gain of the challenger (0.01 = one point).
+    confidence: level of the paired interval of the per-episode difference.
+    n_episodes: disjoint held-out episodes cut from the target test split.
+    baseline: finetune method whose target model a first champion must beat.
+    seed: seeds the split of the test images into episodes.
+    """
+
+    margin: float = 0.01
+    confidence: float = 0.95
+    n_episodes: int = 20
+    baseline: str = "scratch"
+    seed: int = 0
+
+    def check(self) -> None:
+        """Raise RegistryError naming the bad setting."""
+        if not self.margin >= 0:
+            raise RegistryError(f"promote.margin: must be >= 0 (a minimum gain), found {self.margin}")
+        if not 0 < self.confidence < 1:
+            raise RegistryError(f"promote.confidence: must be in (0, 1), found {self.confidence}")
+        if self.n_episodes < 2:
+            raise RegistryError(f"promote.n_episodes: must be >= 2 (an interval needs two episodes), found {self.n_episodes}")
+        if not self.baseline:
+            raise RegistryError("promote.baseline: must name a finetune method (e.g. scratch)")
+
+
+def gate_settings(params: Any = None, **overrides: Any) -> GateSettings:
+    """Gate settings: code defaults, then params.yaml's `promote` section (if any), then `overrides`.
+
+    Args:
+        params: the loaded `Params` (its `promote` section and `seed` are used when present).
+        overrides: keyword overrides; None values are ignored (unset CLI flags).
+
+    Returns:
+        Checked GateSettings.
+    """
+    values: dict[str, Any] = {}
+    if params is not None:
+        values["seed"] = params.seed
+        section = getattr(params, "promote", None)
+        if section is not None:
+            values.update({k: getattr(section, k) for k in ("margin", "confidence", "n_episodes", "baseline") if hasattr(section, k)})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = GateSettings(**values)
+    settings.check()
+    return settings
+
+
+def gate_episodes(n_images: int, n_episodes: int, seed: int) -> list[np.ndarray]:
+    """Split image indices 0..n_images-1 into `n_episodes` disjoint, seeded episodes.
+
+    The indices are permuted with `numpy.random.default_rng(seed)` and cut
+    with `numpy.array_split`, so every image is in exactly one episode and
+    episode sizes differ by at most one.
+
+    Returns:
+        One sorted int64 index array per episode.
+    """
+    if n_episodes < 2 or n_episodes > n_images:
+        raise RegistryError(f"promote.n_episodes: must be in [2, {n_images}] (test images), found {n_episodes}")
+    perm = np.random.default_rng(seed).permutation(n_images)
+    return [np.sort(e).astype(np.int64) for e in np.array_split(perm, n_episodes)]
+
+
+def episodes_digest(episodes: list[np.ndarray]) -> str:
+    """SHA-256 over the episode index arrays (identifies the exact held-out episodes)."""
+    h = hashlib.sha256()
+    for e in episodes:
+        h.update(np.asarray(e, dtype="<i8").tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def episode_accuracies(predictions: np.ndarray, labels: np.ndarray, episodes: list[np.ndarray]) -> np.ndarray:
+    """Per-episode accuracy (float64) of per-image predictions."""
+    pred, lab = np.asarray(predictions), np.asarray(labels)
+    if pred.shape != lab.shape:
+        raise RegistryError(f"predictions {pred.shape} and labels {lab.shape} differ in shape")
+    correct = (pred == lab).astype(np.float64)
+    return np.array([correct[e].mean() for e in episodes], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether the challenger passes, with the paired difference it was judged on."""
+
+    promote: bool
+    gain: MeanCI
+    reason: str
+
+
+def decide(challenger_acc: np.ndarray, reference_acc: np.ndarray, margin: float, confidence: float) -> GateDecision:
+    """The gate rule: promote iff mean gain ≥ margin and the paired CI lies above 0.
+
+    Args:
+        challenger_acc, reference_acc: per-episode accuracies on the same episodes, same order.
+        margin: minimum mean gain.
+        confidence: interval level (e.g. 0.95).
+
+    Returns:
+        GateDecision with the paired difference challenger − reference.
+    """
+    gain = paired_difference(challenger_acc, reference_acc, confidence)
+    pct = f"{100 * confidence:g} %"
+    ci = f"[{gain.low:+.4f}, {gain.high:+.4f}]"
+    if not np.isfinite(gain.ci):
+        return GateDecision(False, gain, "the interval cannot be computed (fewer than two episodes)")
+    if gain.mean < margin:
+        return GateDecision(False, gain, f"mean gain {gain.mean:+.4f} is below the margin {margin:.4f} (paired {pct} CI {ci})")
+    if not gain.low > 0:
+        return GateDecision(False, gain, f"paired {pct} CI {ci} of the gain does not exclude 0 (mean {gain.mean:+.4f})")
+    return GateDecision(True, gain, f"mean gain {gain.mean:+.4f} >= margin {margin:.4f} and paired {pct} CI {ci} excludes 0")
