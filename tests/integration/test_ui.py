@@ -135,6 +135,10 @@ def test_html_report_renders(dvc_project: Path, tmp_path: Path, chromium: str) -
         assert "majority class (always" in dom and f"chance (1/{len(t['class_names'])})" in dom
         manifest = pd.read_parquet(proj / params.data.prepared_dir / target / "manifest.parquet", columns=["split"])
         totals = "".join(f"<td>{n}</td>" for s in ("train", "val", "test") if (n := int((manifest["split"] == s).sum())))
+        # then the train images fine-tuning used (selection.json `shots`), when recorded
+        shots = json.loads((proj / "models" / "target" / target / "selection.json").read_text()).get("shots")
+        if shots:
+            totals += f"<td>{sum(shots['per_class'].values())}</td>"
         assert f'<tr class="total"><td>all classes</td>{totals}</tr>' in dom
     assert "No promotion decision yet" in dom or "From reports/promotion.json" in dom
     assert dom.count("data:image/png;base64,") == len(list((proj / "plots").rglob("*.png"))) > 0
