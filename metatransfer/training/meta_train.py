@@ -47,6 +47,8 @@ from metatransfer.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from metatransfer.training import distributed
+from metatransfer.training.distributed import DistContext
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,7 @@ def meta_train(
     on_step: Callable[[int, float, float], None] | None = None,
     checkpoint: CheckpointConfig | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    dist_ctx: DistContext | None = None,
 ) -> TrainResult:
     """Meta-train `learner` on sampled source episodes; keep the best meta-val weights.
 
@@ -265,6 +268,10 @@ def meta_train(
         checkpoint: optional; save every `checkpoint.every` steps and at the
             end, and resume from the newest matching checkpoint in its folder.
         clock: seconds (monotonic); tests pass a fake one to test the time guard by steps.
+        dist_ctx: the process group of a distributed run (`distributed.init_from_env()`);
+            None: one process. Each rank trains on its share of every meta-batch
+            and the meta-gradients are all-reduced; only rank 0 validates, logs
+            and writes checkpoints (see `metatransfer.training.distributed`).
 
     Returns:
         TrainResult; `learner` is left with the best-validation weights and on
@@ -275,6 +282,10 @@ def meta_train(
         CheckpointError: the checkpoint to resume from is altered or unsafe.
     """
     emit = sink or (lambda name, value, step: None)
+    if dist_ctx is not None:
+        distributed.check_settings(learner, settings.meta_batch_size, dist_ctx, settings.anneal_over_time)
+        if not dist_ctx.is_main:
+            emit = lambda name, value, step: None  # noqa: E731  (rank 0 logs)
     sampler = sample_episode if isinstance(sample_episode, ResumableSampler) else ResumableSampler(sample_episode)
     if settings.channels_last:
         learner.to(memory_format=torch.channels_last)
@@ -288,7 +299,10 @@ def meta_train(
     step, elapsed, finished = 0, 0.0, False
     val_spent = 0.0  # seconds spent validating: not charged to the time budget
 
-    resumed = load_latest(checkpoint) if checkpoint is not None else None
+    resumed = None
+    if checkpoint is not None:
+        # Distributed: rank 0 cleans the folder (leftovers, another fingerprint) before the others read it.
+        resumed = load_latest(checkpoint) if dist_ctx is None else dist_ctx.main_first(lambda: load_latest(checkpoint))
     if resumed is not None:
         st = resumed.state
         learner.load_state_dict(st["learner"])
@@ -316,6 +330,14 @@ def meta_train(
     def snapshot(final: bool) -> None:
         if checkpoint is None:
             return
+        if dist_ctx is not None:
+            if dist_ctx.is_main:
+                write(final)
+            dist_ctx.barrier()  # the others go on once rank 0's checkpoint is on disk
+            return
+        write(final)
+
+    def write(final: bool) -> None:
         save_checkpoint(checkpoint, step, {
             "learner": learner.state_dict(), "optimizer": optimizer_state(optimizer), "best": best_state,
             "best_val_acc": result.best_val_acc, "best_step": result.best_step, "faults": result.faults,
@@ -328,7 +350,7 @@ def meta_train(
     def validate(step: int) -> None:
         nonlocal best_state, last_val, val_spent
         began = clock()
-        if not val_episodes:
+        if not val_episodes or (dist_ctx is not None and not dist_ctx.is_main):  # rank 0 validates
             last_val = began
             return
         accs = episode_accuracies(learner, val_episodes)
@@ -345,18 +367,25 @@ def meta_train(
                 best_state = copy.deepcopy(learner.state_dict())
 
     while not finished and step < settings.steps:
-        if train_seconds() >= guard:
+        out_of_time = train_seconds() >= guard
+        if dist_ctx is not None and math.isfinite(guard):
+            out_of_time = dist_ctx.agree(out_of_time, device)  # rank 0's clock decides for all
+        if out_of_time:
             result.budget_hit = "time"
             break
         learner.train()
         episodes = [sampler() for _ in range(settings.meta_batch_size)]
+        if dist_ctx is not None:
+            episodes = dist_ctx.shard(episodes)  # every rank draws the whole meta-batch: samplers stay in step
         if settings.lr_schedule != "constant":
             factor = lr_factor(settings, step, train_seconds())
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
         optimizer.zero_grad(set_to_none=True)
-        with runtime.autocast(device, settings.precision):
+        with runtime.autocast(device, settings.precision), distributed.synced_batchnorm(learner, dist_ctx):
             out = learner.meta_learn(episodes)
+        if dist_ctx is not None:
+            out = distributed.reduce_meta_gradient(params, out, len(episodes), settings.meta_batch_size, dist_ctx)
         # Gradients are checked before the optimizer step, so a bad one never reaches the weights.
         ok = math.isfinite(out.loss) and all_finite([p.grad for p in params])
         if ok:
@@ -392,9 +421,12 @@ def meta_train(
         emit("meta_train/query_acc", out.acc, step)
         if on_step is not None:
             on_step(step, out.loss, out.acc)
-        if step % settings.val_every == 0 or (
+        due = step % settings.val_every == 0 or (
             settings.val_every_s > 0 and clock() - last_val >= settings.val_every_s
-        ):
+        )
+        if dist_ctx is not None and settings.val_every_s > 0:
+            due = dist_ctx.agree(due, device)  # rank 0's clock decides for all
+        if due:
             validate(step)
         if checkpoint is not None and checkpoint.every > 0 and step % checkpoint.every == 0:
             snapshot(final=False)
@@ -414,8 +446,9 @@ def meta_train(
         log.warning("%s: the wall-clock guard (time_budget_s=%g) ended meta-training after %d of %d steps: "
                     "the weights depend on the machine's speed and load, not only on the params; remove the "
                     "guard or raise it to reproduce", learner.name, settings.time_budget_s, step, settings.steps)
-    log.info(
-        "%s: %d steps in %.1f s, best val acc %.4f at step %d, %d skipped faults",
-        learner.name, step, result.seconds, result.best_val_acc, result.best_step, result.faults,
-    )
+    if dist_ctx is None or dist_ctx.is_main:  # the other ranks do not validate
+        log.info(
+            "%s: %d steps in %.1f s, best val acc %.4f at step %d, %d skipped faults",
+            learner.name, step, result.seconds, result.best_val_acc, result.best_step, result.faults,
+        )
     return result
