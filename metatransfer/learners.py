@@ -53,6 +53,19 @@ def load_method(method: str, params: Params, root: Path) -> MetaLearner:
     return load_learner(method_folder(method, root))
 
 
+def describe(learner: MetaLearner, dataset_folder: Path) -> None:
+    """Condition a description-reading learner (`conditional`) on a prepared dataset's description.
+
+    The dataset's `description.json` (prepare.descriptions), or the learner's "no description"
+    token when it has none. Other learners are left alone.
+    """
+    set_description = getattr(learner, "set_description", None)
+    if callable(set_description):
+        from metatransfer.descriptions import read_description
+
+        set_description(read_description(dataset_folder))
+
+
 def copy_backbone(source: nn.Module, target: nn.Module, where: str) -> None:
     """Load `source`'s backbone weights into `target`.
 

@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "matchingnet": "metatransfer.algorithms.matchingnet:MatchingNet",
     "relationnet": "metatransfer.algorithms.relationnet:RelationNet",
     "tadam": "metatransfer.algorithms.tadam:TADAM",
+    "conditional": "metatransfer.algorithms.conditional:Conditional",
     "scratch": "metatransfer.algorithms.scratch:Scratch",
     "baseline": "metatransfer.algorithms.baseline:Baseline",
     "baselinepp": "metatransfer.algorithms.baselinepp:BaselinePP",

@@ -109,7 +109,7 @@ def log_few_shot_model(folder: str | Path, channels: int, size: int, name: str =
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     from metatransfer.serving import few_shot_model
 
@@ -122,6 +122,9 @@ def log_few_shot_model(folder: str | Path, channels: int, size: int, name: str =
             TensorSpec(np.dtype(np.float32), (-1, channels, size, size), "query_x"),
         ]),
         outputs=Schema([ColSpec("long", "prediction")]),
+        # The task's description for the conditional learner ({"params": {"description": "..."}} in a
+        # request); other learners ignore it. Without the schema MLflow drops unknown params.
+        params=ParamSchema([ParamSpec("description", "string", "")]),
     )
     info = mlflow.pyfunc.log_model(
         name=name, loader_module=few_shot_model.__name__, data_path=str(folder),  # data only, no code (artifacts.py)

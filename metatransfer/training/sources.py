@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,8 @@ class SourceSampler:
         domains: the dataset of each domain.
         shapes: (k_shot, n_query) of each domain's episodes.
         excluded: {class name: images} never drawn, per domain.
+        class_ranges: per domain, its [start, end) of global class ids (which
+            domain an episode came from: `Episode.classes`).
     """
 
     sample: Callable[[], Episode]
@@ -43,6 +45,7 @@ class SourceSampler:
     domains: tuple[str, ...]
     shapes: tuple[tuple[int, int], ...] = ()
     excluded: tuple[dict[str, int], ...] = ()
+    class_ranges: tuple[tuple[int, int], ...] = ()
 
 
 def source_shape(m: MetaTrainParams, source: SourceMixParams) -> tuple[int, int]:
@@ -109,7 +112,9 @@ def mixed_source_sampler(
             ep = dataclasses.replace(ep, classes=ep.classes + offsets[i])
         return ep
 
-    return SourceSampler(sample, int(sum(sizes)), tuple(s.dataset for s in splits), tuple(zip(shots, queries)))
+    ranges = tuple((int(o), int(o) + int(n)) for o, n in zip(offsets, sizes))
+    return SourceSampler(sample, int(sum(sizes)), tuple(s.dataset for s in splits), tuple(zip(shots, queries)),
+                         class_ranges=ranges)
 
 
 def _warn_excluded(key: str, split: SplitData, minimum: int, excluded: dict[str, int]) -> None:
@@ -154,6 +159,32 @@ def meta_train_sampler(m: MetaTrainParams, splits: Sequence[SplitData], seed: in
         seed, m.rotation_augment, classes=classes,
     )
     return dataclasses.replace(sampler, excluded=tuple(excluded))
+
+
+def give_descriptions(learner: object, sampler: SourceSampler, descriptions: Sequence[Mapping[str, str] | None]) -> bool:
+    """Hand the sources' task descriptions to a learner conditioned on them (the `conditional` learner).
+
+    The learner builds its vocabulary from them, finds each episode's source
+    from its global class ids (`sampler.class_ranges`), and conditions `adapt`
+    (the meta-val episodes, from the first source) on the first source's
+    description. Other learners are left alone.
+
+    Args:
+        learner: the learner (one with `set_source_descriptions` is conditioned).
+        sampler: the meta-training sampler (its per-source class ranges).
+        descriptions: per source, its description (`descriptions.read_description`) or None.
+
+    Returns:
+        True when the learner takes descriptions.
+    """
+    if not hasattr(learner, "set_source_descriptions"):
+        return False
+    if len(descriptions) != len(sampler.class_ranges):
+        raise ValueError(f"descriptions: expected one per source ({len(sampler.class_ranges)}), found {len(descriptions)}")
+    learner.set_vocabulary(descriptions)  # type: ignore[attr-defined]
+    learner.set_source_descriptions(sampler.class_ranges, descriptions)  # type: ignore[attr-defined]
+    learner.set_description(descriptions[0] if descriptions else None)  # type: ignore[attr-defined]
+    return True
 
 
 def meta_val_episodes(m: MetaTrainParams, val_split: SplitData, seed: int) -> FixedEpisodes:
