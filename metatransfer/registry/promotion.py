@@ -267,7 +267,13 @@ def promote_targets(root: str | Path, targets: list[str] | None = None, settings
     if targets is None:
         if params.finetune is None:
             raise RegistryError(f"{root / 'params.yaml'}: no `finetune` section, so no targets; pass --target")
-        targets = list(params.finetune.targets)
+        # Unlabelled targets (finetune.unlabeled) ship cluster models, which the accuracy gates cannot
+        # score: they are not registered, so there is nothing to promote (docs/guide.md).
+        unlabeled = set(getattr(params.finetune, "unlabeled", None) or {})
+        skipped = [t for t in params.finetune.targets if t in unlabeled]
+        if skipped:
+            log.info("not promoting unlabelled target(s) %s: their cluster models are not registered", skipped)
+        targets = [t for t in params.finetune.targets if t not in unlabeled]
     settings = settings or gate_settings(params)
     results = []
     for target in targets:

@@ -182,6 +182,47 @@ def _confusion_table(cm: Any, names: list[str], short: list[str]) -> dict[str, A
     return {"columns": list(zip(names, short)), "rows": rows}
 
 
+def unlabeled_card(target: str, sel: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
+    """The card of a target clustered without labels (selection.json has "unlabeled"): what was done,
+    per method k, train silhouette and, once evaluated, NMI / ARI / matched accuracy against the hidden
+    test labels. The keys of a labelled card are there, empty, for the template.
+
+    Args:
+        target: the target.
+        sel: its selection.json.
+        scores: its entry of metrics/evaluate.json "unlabeled_targets" ({} before evaluate).
+    """
+    info = sel.get("unlabeled") or {}
+    chosen = str(sel.get("chosen") or "?")
+    k = info.get("k", "?")
+    steps = info.get("self_training_steps") or 0
+    done = (f"batch-norm statistics re-estimated on the {info.get('images', '?')} train images, "
+            f"soft k-means{' (k chosen by silhouette)' if info.get('select_k') else ''}"
+            + (f", then {steps} self-training steps on confident pseudo-labels" if steps else ""))
+    scored = ("scored against hidden labels (those of the test split, used for scoring only)" if scores
+              else "scores against hidden labels appear after dvc repro evaluate")
+    rows = []
+    for m, r in (sel.get("methods") or {}).items():
+        ev = (scores.get("methods") or {}).get(m) or {}
+        rows.append({"cls": "chosen" if m == chosen else "", "cells": [
+            cell(f"{m} (selected)" if m == chosen else m), cell(r.get("k", "–")),
+            cell(f"{r['silhouette']:.3f}" if isinstance(r.get("silhouette"), (int, float)) else "–"),
+            *[cell(f"{ev[key]:.3f}" if key in ev else "–") for key in ("nmi", "ari")],
+            cell(fmt_pct(ev.get("matched_acc")) if "matched_acc" in ev else "–"),
+            cell(fmt_pct(ev.get("majority_rate")) if "majority_rate" in ev else "–")]})
+    names = [f"cluster_{i}" for i in range(k)] if isinstance(k, int) else []
+    return {
+        "target": target, "chosen": chosen, "mark": "selected",
+        "status": {"state": "selected", "badge": "no labels",
+                   "text": "Clustered without labels; not registered (the quality and promotion gates need labels)."},
+        "reason": sel.get("reason") or "", "refused": "", "model_uri": "", "registered": "",
+        "classes": list(zip(names, names)), "weakest": False, "rows": [], "references": None,
+        "evaluated": bool(scores), "counts": None, "caps": "", "recall": None, "confusion": None,
+        "unlabeled": {"sentence": f"No labels were used for training; k={k}, clustering in the {chosen} embedding; "
+                                  f"{scored}.", "done": done, "rows": rows},
+    }
+
+
 def target_cards(inp: ReportInputs) -> list[dict[str, Any]]:
     """One card per target: status, selection reason, MLflow model, classes, methods, references, counts."""
     targets_ev = (inp.evaluate or {}).get("target_models") or {}
@@ -189,6 +230,9 @@ def target_cards(inp: ReportInputs) -> list[dict[str, Any]]:
     cards = []
     for target in dict.fromkeys([*inp.selections, *targets_ev]):
         sel = inp.selections.get(target, {})
+        if "unlabeled" in sel:  # clustered without labels: its own card
+            cards.append(unlabeled_card(target, sel, ((inp.evaluate or {}).get("unlabeled_targets") or {}).get(target) or {}))
+            continue
         tev = targets_ev.get(target, {})
         chosen = sel.get("chosen") or tev.get("chosen") or "?"
         facts = (inp.run_facts.get("finetune") or {}).get(target) or {}
