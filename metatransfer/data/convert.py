@@ -1,6 +1,7 @@
 """Conversion of imported images to the store's size and channels, pixel hashes, and the staged memmap.
 
-Images are converted to params.channels and params.image_size with
+Images are converted to params.channels and params.image_size (a dataset's
+own in `params.per_dataset`, see PrepareParams.shape_of) with
 vectorised torch on batches: RGB -> grey with ITU-R 601 luma 0.299 R +
 0.587 G + 0.114 B; grey -> RGB by replication; "area" averaging when
 shrinking, antialiased bilinear when enlarging; images already at the target
@@ -133,14 +134,15 @@ def stage_images(data: imp.Imported, params: PrepareParams, path: Path, workers:
 
     Args:
         data: the imported dataset.
-        params: prepare params (image_size, channels).
+        params: prepare params (image_size, channels; `per_dataset` gives a dataset its own).
         path: the .npy file to write (N = len(data.meta) rows).
         workers: decoding threads.
 
     Returns:
         The staged result (pixel hash per row, failed mask, quarantine rows).
     """
-    n, size, ch = len(data.meta), params.image_size, params.channels
+    ch, size = params.shape_of(data.dataset)
+    n = len(data.meta)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, ch, size, size))
     hashes: list[str] = [""] * n
     failed = np.zeros(n, dtype=bool)

@@ -1,7 +1,7 @@
 """prepare: raw files -> the validated prepared store (layout in store.py).
 
 Pipeline per dataset: import (importers.py) -> convert to params.channels and
-params.image_size (vectorised torch on batches: RGB -> grey with ITU-R 601
+params.image_size, or the dataset's own `params.per_dataset` shape (vectorised torch on batches: RGB -> grey with ITU-R 601
 luma 0.299 R + 0.587 G + 0.114 B; grey -> RGB by replication; "area"
 averaging when shrinking, antialiased bilinear when enlarging; images already
 at the target size are left untouched) -> hash pixels -> assign splits ->
@@ -19,6 +19,7 @@ folders of a killed run are removed when the next run starts
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -39,6 +40,7 @@ from metatransfer.data.sources import get_source
 from metatransfer.data.splits import SPLIT_RANK, assign_splits
 from metatransfer.data.store import IMAGES_FILE, MANIFEST_FILE, QUARANTINE_FILE, REPORT_FILE
 from metatransfer.data.workdirs import clean_stale_work_dirs, swapped_in, work_tag
+from metatransfer.descriptions import write_description
 from metatransfer.errors import ChecksumError, DataError
 
 log = logging.getLogger(__name__)
@@ -279,6 +281,10 @@ def prepare(params: PrepareParams, datasets: tuple[str, ...], raw_dir: Path, out
                 "splits": splits, "quarantined": len(q), "empty_classes": sorted(empty)}
             if version:  # the user-pinned data version (prepare.npz_files: "sha256:<hex>")
                 report.datasets[name]["data_version"] = version
+            if name in params.per_dataset:  # its own shape (heterogeneous target); others: report.json as before
+                report.datasets[name]["channels"], report.datasets[name]["image_size"] = params.shape_of(name)
+            if name in params.descriptions:  # only then: undescribed stores stay byte-identical
+                write_description(tmp / name, dataclasses.asdict(params.descriptions[name]))
             log.info("%s: %d images, %d classes, %s, %d quarantined (%.1f s)", name, len(df), df["class"].nunique(),
                      {s: v["images"] for s, v in splits.items()}, len(q), time.perf_counter() - t)
         report.quarantined = len(quarantine)

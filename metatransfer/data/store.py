@@ -2,7 +2,9 @@
 
 Layout (one folder per dataset under the prepared dir, e.g. data/prepared):
 
-    <prepared>/<dataset>/images.npy        uint8 (N, C, H, W), C and H=W from params; rows
+    <prepared>/<dataset>/images.npy        uint8 (N, C, H, W), C and H=W from params (a dataset's
+                                           own under prepare.per_dataset: the array's shape is
+                                           the record, `image_shape` reads it); rows
                                            grouped by split (each split one contiguous block)
     <prepared>/<dataset>/manifest.parquet  one row per image (see schemas.py)
     <prepared>/quarantine.csv              skipped inputs with a reason
@@ -143,3 +145,20 @@ def load_split(prepared_dir: str | Path, dataset: str, split: str) -> SplitData:
     else:  # a store written before splits were contiguous: copy the rows
         view = np.ascontiguousarray(images[idx])
     return SplitData(dataset=dataset, split=split, images=view, labels=labels, class_names=class_names)
+
+
+def image_shape(prepared_dir: str | Path, dataset: str) -> tuple[int, int, int]:
+    """(channels, height, width) a dataset is stored at (images.npy's header; no pixel is read).
+
+    Every dataset has `prepare.channels` x `prepare.image_size` unless
+    `prepare.per_dataset` gives it its own (heterogeneous transfer).
+
+    Raises:
+        DataError: the dataset is not prepared (the message lists those that are).
+    """
+    path = Path(prepared_dir) / dataset / IMAGES_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: dataset {dataset!r} is not prepared; prepared datasets: "
+                        f"{sorted(available(prepared_dir))}. Run the prepare stage.")
+    _, c, h, w = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    return int(c), int(h), int(w)

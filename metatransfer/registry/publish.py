@@ -126,8 +126,11 @@ def publish_finetune_result(root: str | Path, params: Any, target: str, entry: d
                     facts["refused"])
         return facts
     mlflow.set_tag(f"{target}/{QUALITY_TAG}", "passed")
-    n_classes = len(json.loads((Path(folder) / "config.json").read_text())["class_names"])
-    facts["model_uri"] = tracking.log_target_model(folder, params.prepare.channels, params.prepare.image_size,
+    config = json.loads((Path(folder) / "config.json").read_text())
+    n_classes = len(config["class_names"])
+    # A heterogeneous target model (input adapter, prepare.per_dataset) takes the target's own shape.
+    shape = config.get("input") or {"channels": params.prepare.channels, "image_size": params.prepare.image_size}
+    facts["model_uri"] = tracking.log_target_model(folder, shape["channels"], shape["image_size"],
                                                    n_classes, name=f"target_{target}")
     ok, why = learner_passed(root, chosen)
     if ok:

@@ -9,7 +9,9 @@ serving modules, no pickle) and only then reads the weights, checksums
 verified. So neither `mlflow.pyfunc.load_model` nor `mlflow models serve`
 imports or unpickles anything stored in the artifact.
 
-Input: float32 images (batch, C, H, W) in [0, 1]. Output: one row per image with
+Input: float32 images (batch, C, H, W) in [0, 1], at the target's shape (the
+backbone's, or the target's own channels and size for a model with an input
+adapter: config.json `input`). Output: one row per image with
 `prediction` (class index), `label` (the full class name, `<dataset>/<class>`),
 `class_name` (the name a person reads, e.g. "glioma"), `probabilities` (class
 name -> probability, every class) and `prob_<i>` per class index.
@@ -33,8 +35,8 @@ class TargetModelPredictor:
         from metatransfer.training.finetune import load_target_model
 
         self.model = load_target_model(folder)
-        spec = self.model.backbone_spec
-        self.channels, self.size = spec.in_channels, spec.image_size
+        # The target's own shape (a heterogeneous target model has an input adapter), else the backbone's.
+        self.channels, self.size = self.model.input_channels, self.model.input_size
         self.class_names = display_names(self.model.class_names)
 
     def predict(self, model_input, params=None):  # untyped: MLflow reads type hints as a schema

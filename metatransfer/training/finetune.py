@@ -12,6 +12,12 @@ family) have no running statistics; a served model must not depend on the
 batch it is given, so the target model always tracks running statistics and
 estimates them on the labelled target images before fine-tuning.
 
+Heterogeneous transfer: a target stored at its own channels or size
+(`prepare.per_dataset`) gets a learned 1x1 input adapter in front of φ, which
+starts as the fixed grey/RGB conversion and trains with the model
+(metatransfer/models/adapter.py); the saved model records the input shape and
+is served at it.
+
 With a `CheckpointConfig` the loop saves its full state (weights, Adam
 moments, the mini-batch generator, best weights, curve, global RNG states)
 every N steps and a re-run resumes from the newest checkpoint with the same
@@ -37,6 +43,7 @@ from metatransfer.augment import augment_batch
 from metatransfer.config import AugmentParams
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec, build_backbone
+from metatransfer.models.adapter import InputAdapter, pooled_features
 from metatransfer.training.checkpoint import (
     CheckpointConfig,
     load_latest,
@@ -51,34 +58,68 @@ log = logging.getLogger(__name__)
 
 
 class TargetModel(nn.Module):
-    """Backbone + linear head over the target classes: images → logits.
+    """[Input adapter +] backbone + linear head over the target classes: images → logits.
 
     Args:
         backbone: the backbone spec (same as the learner's).
         class_names: the target's class names, in label order.
         source_algorithm: which learner's φ initialised it (provenance).
+        input_shape: (channels, image_size) of the target's images when they
+            differ from the backbone's (heterogeneous transfer): other channels
+            go through a learned 1x1 `InputAdapter`, another size through the
+            backbone's pooling (metatransfer/models/adapter.py). None, or the
+            backbone's own shape: no adapter, and the saved files are those of
+            a model without the argument.
     """
 
-    def __init__(self, backbone: BackboneSpec, class_names: list[str], source_algorithm: str) -> None:
+    def __init__(self, backbone: BackboneSpec, class_names: list[str], source_algorithm: str,
+                 input_shape: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.backbone_spec = backbone
         self.class_names = list(class_names)
         self.source_algorithm = source_algorithm
         self.backbone = build_backbone(backbone, track_running_stats=True)
         self.head = nn.Linear(self.backbone.out_dim, len(class_names))
+        if input_shape is not None and tuple(input_shape) == (backbone.in_channels, backbone.image_size):
+            input_shape = None
+        self.input_shape = None if input_shape is None else (int(input_shape[0]), int(input_shape[1]))
+        self.adapter: InputAdapter | None = None
+        if self.input_shape is not None and self.input_shape[0] != backbone.in_channels:
+            self.adapter = InputAdapter(self.input_shape[0], backbone.in_channels)
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the images this model takes (the target's)."""
+        return self.backbone_spec.in_channels if self.input_shape is None else self.input_shape[0]
+
+    @property
+    def input_size(self) -> int:
+        """Side of the images this model takes (the target's)."""
+        return self.backbone_spec.image_size if self.input_shape is None else self.input_shape[1]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, out_dim) of float images (B, C, H, W) at the model's input shape."""
+        if self.input_shape is None:
+            return self.backbone(x)
+        if self.adapter is not None:
+            x = self.adapter(x)
+        return pooled_features(self.backbone, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, n_classes) for float images (B, C, H, W) in [0, 1]."""
-        return self.head(self.backbone(x))
+        return self.head(self.features(x))
 
     def config(self) -> dict[str, Any]:
         """What `load_target_model` needs to rebuild this module."""
-        return {
+        config: dict[str, Any] = {
             "kind": "target_model",
             "backbone": asdict(self.backbone_spec),
             "class_names": self.class_names,
             "source_algorithm": self.source_algorithm,
         }
+        if self.input_shape is not None:  # only then: a homogeneous model's config.json is unchanged
+            config["input"] = {"channels": self.input_shape[0], "image_size": self.input_shape[1]}
+        return config
 
 
 def save_target_model(model: TargetModel, folder: str | Path, extra: dict[str, Any] | None = None) -> dict[str, str]:
@@ -104,7 +145,9 @@ def load_target_model(folder: str | Path, expected_sha256: str | None = None) ->
     state, config = load_state(folder, expected_sha256)
     if config.get("kind") != "target_model":
         raise ConfigError(f"{folder}: not a target model (config kind {config.get('kind')!r})")
-    model = TargetModel(BackboneSpec(**config["backbone"]), config["class_names"], config["source_algorithm"])
+    given = config.get("input")  # heterogeneous transfer: the target's own channels and size
+    model = TargetModel(BackboneSpec(**config["backbone"]), config["class_names"], config["source_algorithm"],
+                        input_shape=None if given is None else (int(given["channels"]), int(given["image_size"])))
     model.load_state_dict(state)
     model.eval()
     return model
@@ -161,8 +204,13 @@ def _learner_backbone(learner: MetaLearner) -> nn.Module:
 
 
 @torch.no_grad()
-def _estimate_bn_stats(module: nn.Module, x: torch.Tensor, batch_size: int) -> None:
-    """Cumulative running statistics of every BatchNorm over `x` (momentum=None)."""
+def _estimate_bn_stats(module: nn.Module, x: torch.Tensor, batch_size: int,
+                       forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Cumulative running statistics of every BatchNorm of `module` over `x` (momentum=None).
+
+    `forward` (default: `module` itself) is what runs on `x`, e.g. a target
+    model's adapter + backbone for images at the target's own shape.
+    """
     bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:
@@ -170,7 +218,7 @@ def _estimate_bn_stats(module: nn.Module, x: torch.Tensor, batch_size: int) -> N
         m.momentum = None
     module.train()
     for i in range(0, len(x), batch_size):
-        module(x[i : i + batch_size])
+        (forward or module)(x[i : i + batch_size])
     for m, mom in zip(bns, saved):
         m.momentum = mom
 
@@ -190,18 +238,29 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def init_target_model(
     learner: MetaLearner, train_x: torch.Tensor, train_y: torch.Tensor, class_names: list[str], batch_size: int = 256
 ) -> TargetModel:
-    """A target model whose backbone is the learner's φ and whose head is the prototype classifier."""
-    model = TargetModel(learner.backbone_spec, class_names, learner.name)
+    """A target model whose backbone is the learner's φ and whose head is the prototype classifier.
+
+    Images of another shape than the learner's backbone (a target kept at its
+    own channels or size: `prepare.per_dataset`) get an input adapter that
+    starts as the fixed conversion (metatransfer/models/adapter.py).
+
+    Raises:
+        ConfigError: non-square images, or φ's weights do not fit.
+    """
+    if train_x.ndim != 4 or train_x.shape[2] != train_x.shape[3]:
+        raise ConfigError(f"{learner.name}: target images must be (N, C, S, S), found shape {tuple(train_x.shape)}")
+    model = TargetModel(learner.backbone_spec, class_names, learner.name,
+                        input_shape=(int(train_x.shape[1]), int(train_x.shape[2])))
     source = _learner_backbone(learner).state_dict()
     # strict=False: a MAML-family backbone has no running-stat buffers; they are estimated below.
     missing, unexpected = model.backbone.load_state_dict(source, strict=False)
     bad = [k for k in missing if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     if bad or unexpected:
         raise ConfigError(f"{learner.name}: backbone weights do not fit the target model ({bad[:3]}, {unexpected[:3]})")
-    _estimate_bn_stats(model.backbone, train_x, batch_size)
+    _estimate_bn_stats(model.backbone, train_x, batch_size, forward=model.features)
     model.eval()
     with torch.no_grad():
-        feats = torch.cat([model.backbone(train_x[i : i + batch_size]) for i in range(0, len(train_x), batch_size)])
+        feats = torch.cat([model.features(train_x[i : i + batch_size]) for i in range(0, len(train_x), batch_size)])
         protos = torch.stack([feats[train_y == c].mean(0) for c in range(len(class_names))])
         model.head.weight.copy_(2 * protos)
         model.head.bias.copy_(-(protos**2).sum(1))
@@ -229,7 +288,9 @@ def finetune(
 
     Args:
         learner: a meta-trained learner (unchanged).
-        train_x, train_y: the labelled target images (float [0, 1]) and labels.
+        train_x, train_y: the labelled target images (float [0, 1]) and labels. Images at
+            another channel count or size than the learner's backbone get an input adapter
+            (`TargetModel`, heterogeneous transfer), trained with the model.
         val_x, val_y: target validation data for early stopping (None: none).
         class_names: target class names in label order.
         settings: steps, lr, batch size, which layers train, patience.
@@ -258,7 +319,9 @@ def finetune(
     train_x, train_y = train_x.to(device), train_y.to(device)
     if val_x is not None and val_y is not None:
         val_x, val_y = val_x.to(device), val_y.to(device)
-    params = list(model.head.parameters()) if settings.train_layers == "head" else list(model.parameters())
+    # "head" keeps φ fixed; an input adapter (heterogeneous target) is not φ and trains with the head.
+    head_params = list(model.head.parameters()) + (list(model.adapter.parameters()) if model.adapter is not None else [])
+    params = head_params if settings.train_layers == "head" else list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     has_val = val_x is not None and val_y is not None and len(val_x) > 0
     best_acc = accuracy(model, val_x, val_y) if has_val else -1.0
