@@ -12,7 +12,12 @@ and killing it (even with SIGKILL) stops the stage process and the ephemeral
 Prefect server with it. Runs found RUNNING after such a kill are closed at the
 next start.
 
-    python -m flows.pipeline [--root DIR] [--force]
+    python -m flows.pipeline [--root DIR] [--force] [--task-runner dask [--dask-address URL]]
+
+With `--task-runner dask` (flow parameter `task_runner`), meta_train and
+finetune fan out: one piece per algorithm / target on a Dask cluster, merged
+and recorded by `dvc commit` (flows/fanout.py); the outputs and dvc.lock are
+those of the default in-process run.
 
 `params` and `targets` are for deployments (flows/deploy.py): a params file
 made the project's params.yaml before the stages run, and the targets the
@@ -28,6 +33,8 @@ from prefect import flow
 
 from flows import run_owned
 from flows.data import data
+from flows.fanout import TaskRunnerChoice, fan_out
+from metatransfer.dvc_stages import FANOUT_STAGES
 from tasks.deployment import check_targets, use_params
 from tasks.recovery import recover_crashed_runs
 from tasks.registry import promote
@@ -38,7 +45,8 @@ from tasks.workspace import claim_workspace, release_workspace
 
 @flow(name="pipeline")
 def pipeline(root: str = ".", force: bool = False, params: str | None = None,
-             targets: list[str] | None = None) -> dict:
+             targets: list[str] | None = None, task_runner: str = "local", dask_address: str = "",
+             dask_workers: int = 2, dask_threads_per_worker: int = 1) -> dict:
     """Run every stage that changed.
 
     Args:
@@ -47,11 +55,16 @@ def pipeline(root: str = ".", force: bool = False, params: str | None = None,
         params: a params file (relative to `root` or absolute) copied over root/params.yaml
             before any stage runs; None keeps params.yaml.
         targets: the targets `promote` gates (each must be in finetune.targets); None: all.
+        task_runner: "local" (every stage in this process) or "dask" (meta_train and finetune
+            fan out on Dask: flows/fanout.py).
+        dask_address: a running Dask scheduler; "" starts a local cluster of `dask_workers`
+            processes with `dask_threads_per_worker` threads each, on 127.0.0.1.
 
     Returns:
         {"ran": stages DVC ran, "mlflow_run_id": the parent run, "dvc_status": {} when clean,
          "promotion": the gate's decision per target}.
     """
+    runner = TaskRunnerChoice(task_runner, dask_address, dask_workers, dask_threads_per_worker)
     claim_workspace(root)  # refuses while another pipeline or `dvc repro` runs here
     try:
         use_params(root, params)
@@ -63,7 +76,10 @@ def pipeline(root: str = ".", force: bool = False, params: str | None = None,
         try:
             ran = data(root, run_id, force)["ran"]
             for stage in (episodes, pretrain, meta_train, finetune, evaluate):
-                ran += stage(root, run_id, force)
+                if runner.fans_out and stage.name in FANOUT_STAGES:
+                    ran += fan_out.with_options(task_runner=runner.build())(root, stage.name, run_id, force)
+                else:
+                    ran += stage(root, run_id, force)
             promotion = promote(root, run_id, targets)
             status = "FINISHED"
         finally:

@@ -87,6 +87,34 @@ class FetchParams:
 
 
 @dataclass(frozen=True)
+class DescriptionParams:
+    """A dataset's task description (`prepare.descriptions.<dataset>`; metatransfer/descriptions.py).
+
+    Each key is optional; at least one must hold a word. The conditional
+    meta-learner reads its tokens; no other stage uses it.
+    """
+
+    modality: str = ""
+    anatomy: str = ""
+    domain: str = ""
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class DatasetShapeParams:
+    """One dataset's own stored shape (`prepare.per_dataset.<dataset>`; heterogeneous transfer).
+
+    A key left out (None) takes the `prepare` value. A target stored at its own
+    channels or size is fed to the backbone through an input adapter during
+    fine-tuning (metatransfer/models/adapter.py); source datasets, which train
+    the backbone, keep `prepare.channels` x `prepare.image_size`.
+    """
+
+    channels: int | None = None
+    image_size: int | None = None
+
+
+@dataclass(frozen=True)
 class PrepareParams:
     """How raw files become the prepared store.
 
@@ -107,6 +135,18 @@ class PrepareParams:
     # `val` for datasets that come with a train/test split but no validation
     # split (brain_tumor_mri, ham10000_mel_nv, split/class image folders).
     val_fraction: float = 0.1
+    # Optional task descriptions, by prepared dataset name: written beside its
+    # images as description.json (only for a described dataset).
+    descriptions: dict[str, DescriptionParams] = field(default_factory=dict)
+    # Datasets stored at their own channels and/or size instead of channels x
+    # image_size (targets only; docs/guide.md, "Different channels or sizes").
+    per_dataset: dict[str, DatasetShapeParams] = field(default_factory=dict)
+
+    def shape_of(self, dataset: str) -> tuple[int, int]:
+        """(channels, image_size) that `dataset` is stored at: its `per_dataset` entry, else the defaults."""
+        own = self.per_dataset.get(dataset) or DatasetShapeParams()
+        return (self.channels if own.channels is None else own.channels,
+                self.image_size if own.image_size is None else own.image_size)
 
 
 @dataclass(frozen=True)
@@ -302,6 +342,33 @@ class RuntimeParams:
 
 
 @dataclass(frozen=True)
+class UnlabeledParams:
+    """A target fitted without labels (`finetune.unlabeled.<target>`; docs/guide.md, "Targets without labels").
+
+    k: clusters (>= 2); the model's classes are `cluster_0` .. `cluster_<k-1>`.
+    select_k: choose k by the silhouette of the train embedding over 2..k_max
+        (then `k` is not used).
+    k_max: the largest k tried with select_k.
+    embedding: the finetune method whose backbone embeds the images and is
+        shipped ("" = the first of finetune.methods); every other method is
+        clustered too, for comparison.
+    temperature: soft k-means temperature, relative to the embedding's total
+        variance (smaller: harder assignments).
+    self_training_steps: Adam steps on the confident pseudo-labels (0: none).
+    confidence: the soft-assignment probability an image needs to be a
+        pseudo-label for self-training.
+    """
+
+    k: int = 2
+    select_k: bool = False
+    k_max: int = 8
+    embedding: str = ""
+    temperature: float = 0.1
+    self_training_steps: int = 0
+    confidence: float = 0.9
+
+
+@dataclass(frozen=True)
 class FinetuneParams:
     """Target adaptation starting from the meta-learned φ.
 
@@ -333,6 +400,9 @@ class FinetuneParams:
     min_images_per_class: int = 0
     # Batch augmentation of the labelled target images (metatransfer/augment.py).
     augment: AugmentParams = field(default_factory=lambda: AugmentParams())
+    # Targets of `targets` that have no labels: clustered, not fine-tuned
+    # (metatransfer/training/unsupervised.py); {} = every target is labelled.
+    unlabeled: dict[str, UnlabeledParams] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -568,6 +638,86 @@ def register_params_check(check: Callable[[Params], None]) -> None:
         _PARAMS_CHECKS.append(check)
 
 
+def _check_descriptions(p: Params) -> None:
+    """Each `prepare.descriptions` entry names a dataset prepare builds and holds at least one word.
+
+    Raises:
+        ConfigError: naming `prepare.descriptions.<name>`, the datasets allowed, or the empty description.
+    """
+    from metatransfer.descriptions import check_description
+
+    prepared = [*p.fetch.datasets, *p.prepare.image_folders, *p.prepare.npz_files]
+    for name, d in p.prepare.descriptions.items():
+        key = f"prepare.descriptions.{name}"
+        if name not in prepared:
+            raise ConfigError(f"{key}: {name!r} is not a dataset prepare builds (fetch.datasets, "
+                              f"prepare.image_folders, prepare.npz_files): {sorted(set(prepared))}; "
+                              "fix the name or add the dataset")
+        check_description(dataclasses.asdict(d), key)
+
+
+def _check_per_dataset(p: Params) -> None:
+    """Each `prepare.per_dataset` entry names a prepared dataset that no source stage trains on, with a valid shape.
+
+    Raises:
+        ConfigError: naming `prepare.per_dataset.<name>[.key]`, what is allowed and what was found.
+    """
+    prepared = [*p.fetch.datasets, *p.prepare.image_folders, *p.prepare.npz_files]
+    training = {s.dataset: "meta_train.sources" for s in (p.meta_train.sources if p.meta_train else ())}
+    training.update({d: "pretrain.datasets" for d in (p.pretrain.datasets if p.pretrain else ())})
+    for name, s in p.prepare.per_dataset.items():
+        key = f"prepare.per_dataset.{name}"
+        if name not in prepared:
+            raise ConfigError(f"{key}: {name!r} is not a dataset prepare builds (fetch.datasets, "
+                              f"prepare.image_folders, prepare.npz_files): {sorted(set(prepared))}; "
+                              "fix the name or add the dataset")
+        if name in training:
+            raise ConfigError(f"{key}: {name!r} is a training source ({training[name]}); sources train the backbone "
+                              f"at prepare.channels x prepare.image_size ({p.prepare.channels} x "
+                              f"{p.prepare.image_size}), only a target can keep its own shape; remove the entry")
+        if s.channels is None and s.image_size is None:
+            raise ConfigError(f"{key}: expected channels and/or image_size, found neither; set one or remove the entry")
+        if s.channels is not None and s.channels not in (1, 3):
+            raise ConfigError(f"{key}.channels: must be 1 or 3, found {s.channels}")
+        if s.image_size is not None and s.image_size < 16:
+            raise ConfigError(f"{key}.image_size: must be >= 16, found {s.image_size}")
+
+
+def _check_unlabeled(p: Params) -> None:
+    """Checks of every finetune.unlabeled entry (docs/guide.md, "Targets without labels").
+
+    An entry must name a target or at least a dataset prepare builds: a fan-out piece of `finetune`
+    (metatransfer/dvc_stages.py) keeps the section but cuts finetune.targets to one target, and an
+    entry for a dataset that is not a target is not used.
+
+    Raises:
+        ConfigError: naming the key, the allowed values and the value found.
+    """
+    f = p.finetune
+    assert f is not None
+    prepared = {*p.fetch.datasets, *p.prepare.image_folders, *p.prepare.npz_files}
+    for name, u in f.unlabeled.items():
+        key = f"finetune.unlabeled.{name}"
+        if name not in f.targets and name not in prepared:
+            raise ConfigError(f"{key}: {name!r} is not in finetune.targets {list(f.targets)} (nor a dataset "
+                              "prepare builds); add it there (an unlabelled target is still a target) or remove "
+                              "the entry")
+        if u.k < 2:
+            raise ConfigError(f"{key}.k: must be >= 2 (clusters), found {u.k}")
+        if u.select_k and u.k_max < 2:
+            raise ConfigError(f"{key}.k_max: must be >= 2 with select_k (k is tried over 2..k_max), found {u.k_max}")
+        if u.embedding and u.embedding not in f.methods:
+            raise ConfigError(f"{key}.embedding: must be '' (the first of finetune.methods) or one of "
+                              f"finetune.methods {list(f.methods)}, found {u.embedding!r}")
+        if not u.temperature > 0:
+            raise ConfigError(f"{key}.temperature: must be > 0, found {u.temperature}")
+        if u.self_training_steps < 0:
+            raise ConfigError(f"{key}.self_training_steps: must be >= 0 (0: no self-training), found "
+                              f"{u.self_training_steps}")
+        if not 0 < u.confidence < 1:
+            raise ConfigError(f"{key}.confidence: must be in (0, 1), found {u.confidence}")
+
+
 def _check_ranges(p: Params) -> None:
     """Value checks that types alone cannot express."""
     def need(ok: bool, key: str, msg: str) -> None:
@@ -604,6 +754,8 @@ def _check_ranges(p: Params) -> None:
         need(f.layout in IMAGE_FOLDER_LAYOUTS, f"{key}.layout",
              f"must be one of {list(IMAGE_FOLDER_LAYOUTS)}, found {f.layout!r}")
     _check_npz_files(p.prepare)
+    _check_descriptions(p)
+    _check_per_dataset(p)
     if p.episodes is not None:
         for name, e in p.episodes.sets.items():
             key = f"episodes.sets.{name}"
@@ -673,6 +825,7 @@ def _check_ranges(p: Params) -> None:
             need(name in known, "finetune.methods", f"{name!r} is neither meta-trained (meta_train.algorithms), 'pretrain' (with a pretrain section) nor 'scratch'; allowed: {sorted(known)}")
         need(not f.force_method or f.force_method in f.methods, "finetune.force_method",
              f"must be '' or one of finetune.methods {list(f.methods)}, found {f.force_method!r}")
+        _check_unlabeled(p)
     if p.promote is not None:
         g = p.promote
         need(g.margin >= 0, "promote.margin", f"must be >= 0 (a minimum gain), found {g.margin}")

@@ -72,3 +72,44 @@ def evaluate(root: str, parent_run_id: str | None = None, force: bool = False) -
 def dvc_status(root: str) -> dict:
     """`dvc status`: {} when the workspace matches dvc.lock."""
     return dvc_stages.pipeline_status(root)
+
+
+# Fan-out (flows/fanout.py): a stage run as pieces on the flow's task runner, then recorded by DVC.
+@task(name="stage_pieces")
+def stage_pieces(root: str, stage: str, force: bool = False) -> list[str]:
+    """The pieces of a fan-out stage to run now: [] when DVC finds the stage up to date (and not forced)."""
+    if not force and not dvc_stages.stage_changed(stage, root):
+        return []
+    return dvc_stages.fanout_pieces(stage, root)
+
+
+@task(name="piece_setting")
+def piece_setting(root: str) -> dict[str, str]:
+    """What pieces on other workers need from this process: the absolute root and the MLflow store."""
+    from pathlib import Path
+
+    from metatransfer.tracking import tracking_uri
+
+    return {"root": str(Path(root).resolve()), "store_uri": tracking_uri(root)}
+
+
+@task(name="run_piece", task_run_name="{stage}/{piece}")
+def run_piece(setting: dict[str, str], stage: str, piece: str, parent_run_id: str | None = None) -> str:
+    """One piece (an algorithm of meta_train, a target of finetune) in its own folder and process."""
+    return dvc_stages.run_piece(stage, piece, setting["root"], parent_run_id, setting["store_uri"])
+
+
+@task(name="merge_pieces", task_run_name="{stage}/merge")
+def merge_pieces(root: str, stage: str, folders: list[str]) -> list[str]:
+    """The stage's outputs from its pieces, then `dvc commit` of the stage: dvc.lock as `dvc repro` writes it."""
+    from pathlib import Path
+
+    from metatransfer.config import load_params
+    from metatransfer.stages import finetune as finetune_stage
+    from metatransfer.stages import meta_train as meta_train_stage
+
+    merge = {"meta_train": meta_train_stage.merge_pieces, "finetune": finetune_stage.merge_pieces}[stage]
+    project = Path(root).resolve()
+    merge(load_params(project / "params.yaml"), project, [Path(f) for f in folders])
+    dvc_stages.clear_pieces(stage, root)
+    return dvc_stages.commit_stage(stage, root)

@@ -16,11 +16,11 @@ import torch
 
 from metatransfer.config import Params
 from metatransfer.data.store import load_split
-from metatransfer.episodes import load_fixed_episodes
+from metatransfer.episodes import Episode, load_fixed_episodes
 from metatransfer.evaluation.episodic import episode_accuracies
 from metatransfer.evaluation.stats import mean_ci, paired_difference
 from metatransfer.layout import METRICS_DIR, Layout
-from metatransfer.learners import load_method, method_folder
+from metatransfer.learners import describe, load_method, method_folder
 from metatransfer.pixels import to_float
 from metatransfer.training.finetune import load_target_model
 
@@ -48,6 +48,21 @@ def verify_meta_models(methods: tuple[str, ...], root: Path) -> None:
             verify_weights(method_folder(method, root), sha)
 
 
+def to_backbone_shape(episode: Episode, params: Params) -> Episode:
+    """An episode of a target kept at its own shape (`prepare.per_dataset`), converted to the learners'
+    `prepare.channels` x `prepare.image_size` by the fixed conversion (metatransfer/models/adapter.py); learners
+    have no input adapter. Any other episode is returned as it is."""
+    channels, size = params.prepare.channels, params.prepare.image_size
+    if tuple(episode.support_x.shape[1:]) == (channels, size, size):
+        return episode
+    from dataclasses import replace
+
+    from metatransfer.models.adapter import convert_images
+
+    return replace(episode, support_x=convert_images(episode.support_x, channels, size),
+                   query_x=convert_images(episode.query_x, channels, size))
+
+
 def evaluate_episodes(params: Params, root: Path) -> dict[str, dict[str, dict[int, np.ndarray]]]:
     """Per-episode accuracies: {set: {method: {shots: array}}}."""
     assert params.episodes is not None and params.evaluate is not None
@@ -66,8 +81,9 @@ def evaluate_episodes(params: Params, root: Path) -> dict[str, dict[str, dict[in
         with progress(len(s.shots) * s.n_episodes * len(learners), f"evaluate {set_name}", unit="episode") as bar:
             for k in s.shots:
                 fe = load_fixed_episodes(layout.episode_file(set_name, k))
-                episodes = [fe.materialise(i, split) for i in range(s.n_episodes)]
+                episodes = [to_backbone_shape(fe.materialise(i, split), params) for i in range(s.n_episodes)]
                 for method, learner in learners.items():
+                    describe(learner, layout.prepared_dataset(s.dataset))  # the conditional learner reads it
                     torch.manual_seed(params.seed)  # methods with random heads/inits are repeatable
                     out[set_name][method][k] = episode_accuracies(
                         learner, episodes, on_episode=lambda i, acc: bar.update(1, acc=acc))
@@ -104,6 +120,8 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
     device = runtime.device_for(params)
     layout = Layout.of(root, params)
     for target in params.finetune.targets:
+        if target in params.finetune.unlabeled:
+            continue  # clustered, not fine-tuned: `evaluate_unlabeled_targets`
         test = load_split(layout.prepared_dir, target, "test")
         x, y = to_float(test.images).to(device), torch.from_numpy(test.labels.astype(np.int64)).to(device)
         selection = json.loads(layout.selection(target).read_text())
@@ -116,7 +134,7 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
             model = load_target_model(layout.target_model(target, method),
                                       expected_sha256=selection["methods"][method].get("weights_sha256")).to(device)
             with torch.no_grad():
-                feats = torch.cat([model.backbone(x[i : i + 512]) for i in range(0, len(x), 512)])
+                feats = torch.cat([model.features(x[i : i + 512]) for i in range(0, len(x), 512)])
                 pred = model.head(feats).argmax(1)
             feats, pred = feats.cpu(), pred.cpu()
             if method == selection["chosen"]:
@@ -144,6 +162,64 @@ def evaluate_target_models(params: Params, root: Path, confidence: float) -> dic
             if gate:  # recorded by finetune: was this model good enough to be registered at all?
                 out[target]["methods"][method]["quality_gate"] = {"passed": gate["passed"], "reason": gate["reason"]}
     return out
+
+
+def evaluate_unlabeled_targets(params: Params, root: Path) -> dict[str, Any]:
+    """Clustering scores of every unlabelled target's cluster models against the test split's hidden labels.
+
+    The labels are read here, for scoring only; `finetune` fitted the models without any
+    (metatransfer/training/unsupervised.py).
+
+    Returns:
+        {target: {"chosen", "reason", "k", "class_names", "methods": {method: {"nmi", "ari", "matched_acc",
+        "majority_rate", "images", "clusters_used", "k", "silhouette"}}}}; {} without unlabelled targets.
+    """
+    import json
+
+    from metatransfer import runtime
+    from metatransfer.evaluation.clustering import clustering_scores
+
+    out: dict[str, Any] = {}
+    if params.finetune is None or not params.finetune.unlabeled:
+        return out
+    device = runtime.device_for(params)
+    layout = Layout.of(root, params)
+    for target in params.finetune.targets:
+        if target not in params.finetune.unlabeled:
+            continue
+        test = load_split(layout.prepared_dir, target, "test")
+        x = to_float(test.images).to(device)
+        selection = json.loads(layout.selection(target).read_text())
+        out[target] = {"chosen": selection["chosen"], "reason": selection["reason"],
+                       "k": selection["unlabeled"]["k"], "class_names": list(test.class_names), "methods": {}}
+        for method, fit in selection["methods"].items():
+            model = load_target_model(layout.target_model(target, method),
+                                      expected_sha256=fit.get("weights_sha256")).to(device)
+            with torch.no_grad():
+                pred = torch.cat([model(x[i : i + 512]).argmax(1) for i in range(0, len(x), 512)]).cpu().numpy()
+            out[target]["methods"][method] = {**clustering_scores(test.labels, pred), "k": fit["k"],
+                                              "silhouette": fit["silhouette"]}
+            log.info("%s %-12s NMI %.4f ARI %.4f matched acc %.4f (k=%d)", target, method,
+                     out[target]["methods"][method]["nmi"], out[target]["methods"][method]["ari"],
+                     out[target]["methods"][method]["matched_acc"], fit["k"])
+    return out
+
+
+def unlabeled_report_lines(unlabeled: dict[str, Any]) -> list[str]:
+    """Markdown lines of reports/evaluate.md for the unlabelled targets (none without them)."""
+    lines: list[str] = []
+    for target, t in unlabeled.items():
+        lines += ["", f"## Unlabelled target: {target} (clustering, full test split)", "",
+                  f"No labels were used for training; k={t['k']}, clustering in the {t['chosen']} embedding; "
+                  f"scored against hidden labels ({len(t['class_names'])} classes). Shipped: **{t['chosen']}** "
+                  f"({t['reason']}).", "",
+                  "| method | NMI | ARI | matched acc (%) | majority class (%) | silhouette (train) |",
+                  "|---|---|---|---|---|---|"]
+        for method, r in t["methods"].items():
+            mark = " (shipped)" if method == t["chosen"] else ""
+            lines.append(f"| {method}{mark} | {r['nmi']:.4f} | {r['ari']:.4f} | {100 * r['matched_acc']:.2f} | "
+                         f"{100 * r['majority_rate']:.2f} | {r['silhouette']:.4f} |")
+    return lines
 
 
 def _md(text: str) -> str:
@@ -184,7 +260,8 @@ def class_tables(t: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(path: Path, table: dict[str, Any], targets: dict[str, Any], reference: str, params: Params) -> None:
+def write_report(path: Path, table: dict[str, Any], targets: dict[str, Any], reference: str, params: Params,
+                 unlabeled: dict[str, Any] | None = None) -> None:
     """A markdown report: episode tables with CIs, paired differences, target models."""
     lines = ["# metatransfer evaluation", ""]
     lines.append(f"Mean accuracy (%) ± {int(params.evaluate.confidence * 100)} % CI over fixed episodes; "
@@ -216,6 +293,7 @@ def write_report(path: Path, table: dict[str, Any], targets: dict[str, Any], ref
             mark = " (shipped)" if method == t["chosen"] else ""
             lines.append(f"| {method}{mark} | {100 * r['val_acc']:.2f} | {100 * r['test_acc']:.2f} ± {100 * r['test_acc_ci95']:.2f} | {100 * r['balanced_acc']:.2f} |")
         lines += class_tables(t)
+    lines += unlabeled_report_lines(unlabeled or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -236,6 +314,12 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         table = summarise(accs, ev.reference, ev.confidence)
         targets = evaluate_target_models(params, root, ev.confidence)
         metrics = {"episodes": table, "target_models": targets}
+        unlabeled = evaluate_unlabeled_targets(params, root)
+        if unlabeled:  # absent, not empty, without unlabelled targets: default outputs unchanged
+            metrics["unlabeled_targets"] = unlabeled
+            for target, t in unlabeled.items():
+                for m, r in t["methods"].items():
+                    tracking.log_metrics({f"target/{target}/{m}/{key}": r[key] for key in ("nmi", "ari", "matched_acc")})
         write_json(layout.metrics("evaluate"), metrics)
         for set_name, by_method in table.items():
             rows = [{"method": m, "shots": int(k), "acc": r["acc_mean"], "ci95": r["acc_ci95"]}
@@ -257,7 +341,7 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             for m, r in t["methods"].items():
                 tracking.log_metrics({f"target/{target}/{m}/test_acc": r["test_acc"]})
         report = layout.evaluate_report
-        write_report(report, table, targets, ev.reference, params)
+        write_report(report, table, targets, ev.reference, params, unlabeled)
         tracking.log_artifact(report, "report")
         for png in sorted(plots.glob("*_confusion.png")) + sorted(plots.glob("*_embedding.png")):
             tracking.log_artifact(png, "plots")

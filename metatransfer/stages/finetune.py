@@ -128,6 +128,88 @@ def finetune_target(
     return results, chosen, reason, shots
 
 
+def unlabeled_methods(params: Params) -> list[str]:
+    """The methods an unlabelled target is clustered with: finetune.methods, then the baselines
+    `scratch` (random init) and `pretrain` (source-only supervised backbone, with a pretrain section)
+    when they are not among them."""
+    f = params.finetune
+    assert f is not None
+    extra = ["scratch", *(["pretrain"] if params.pretrain is not None else [])]
+    return list(dict.fromkeys([*f.methods, *extra]))
+
+
+def finetune_unlabeled_target(target: str, params: Params, root: Path) -> tuple[dict[str, Any], str, str]:
+    """Cluster an unlabelled target with every method's backbone (metatransfer/training/unsupervised.py).
+
+    Only the train split's images are read, never its labels: the result is the same whatever
+    labels the store holds.
+
+    Returns:
+        (ClusterResult per method, the shipped method (finetune.unlabeled.<target>.embedding, else
+        the first of finetune.methods), the reason).
+    """
+    from metatransfer import runtime
+    from metatransfer.training.unsupervised import ClusterSettings, fit_unlabeled
+
+    f = params.finetune
+    assert f is not None
+    u = f.unlabeled[target]
+    layout = Layout.of(root, params)
+    images = to_float(np.array(load_split(layout.prepared_dir, target, "train").images))  # images only
+    settings = ClusterSettings(u.k, u.select_k, u.k_max, u.temperature, u.self_training_steps, u.confidence,
+                               f.lr, f.batch_size, f.augment, device=str(runtime.device_for(params)))
+    results = {}
+    for method in unlabeled_methods(params):
+        results[method] = fit_unlabeled(load_method(method, params, root), images, settings, params.seed)
+        log.info("%s/%s: %d clusters, silhouette %.4f, train images per cluster %s (no labels used)", target,
+                 method, results[method].k, results[method].silhouette, results[method].cluster_sizes)
+    chosen = u.embedding or f.methods[0]
+    reason = (f"no labels: the embedding of finetune.unlabeled.{target}.embedding ({chosen}) is shipped; "
+              "the other methods are clustered for comparison")
+    return results, chosen, reason
+
+
+def run_unlabeled_target(target: str, params: Params, root: Path) -> dict[str, Any]:
+    """`finetune` of an unlabelled target: cluster models saved, selection.json written, MLflow logged.
+
+    The cluster models are saved like target models (classes `cluster_0..k-1`) but not registered:
+    the quality gate and the promotion gate judge accuracy against labels, which this target lacks.
+
+    Returns:
+        The selection entry (also metrics/finetune.json's entry of the target).
+    """
+    from metatransfer import tracking
+    from metatransfer.stages.common import write_json
+    from metatransfer.training.finetune import save_target_model
+
+    u = params.finetune.unlabeled[target]  # type: ignore[union-attr]
+    layout = Layout.of(root, params)
+    results, chosen, reason = finetune_unlabeled_target(target, params, root)
+    entry: dict[str, Any] = {
+        "chosen": chosen, "reason": reason,
+        "unlabeled": {"labels_used": 0, "method": "batch-norm re-estimation + soft k-means"
+                      + (" + self-training on confident pseudo-labels" if u.self_training_steps else ""),
+                      "k": results[chosen].k, "select_k": u.select_k, "images": sum(results[chosen].cluster_sizes),
+                      "self_training_steps": u.self_training_steps, "registered": False},
+        "methods": {},
+    }
+    for method, r in results.items():
+        sums = save_target_model(r.model.cpu(), layout.target_model(target, method),
+                                 extra={"unlabeled": True, "k": r.k, "silhouette": r.silhouette})
+        entry["methods"][method] = {"k": r.k, "silhouette": r.silhouette,
+                                    "silhouettes": {str(k): v for k, v in r.silhouettes.items()},
+                                    "cluster_sizes": r.cluster_sizes, "confident": r.confident,
+                                    "self_training_steps": r.steps, "weights_sha256": sums["model.safetensors"]}
+        tracking.log_metrics({f"finetune/{target}/{method}/silhouette": r.silhouette,
+                              f"finetune/{target}/{method}/k": float(r.k)})
+    write_json(layout.selection(target), entry)
+    tracking.log_dict(entry, f"selection/{target}.json")
+    layout.plots("finetune").mkdir(parents=True, exist_ok=True)  # a DVC output even with no labelled target
+    log.info("%s: ship %s clustering, k=%d; not registered (no labels for the quality or promotion gate)",
+             target, chosen, results[chosen].k)
+    return entry
+
+
 def run(params: Params, root: Path) -> dict[str, Any]:
     """Fine-tune, save target models and the selection, log to MLflow, register challengers."""
     from metatransfer import registry, tracking
@@ -144,6 +226,9 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         for target in f.targets:
             tracking.log_dataset(f"{target}/train", str(layout.prepared_dataset(target)),
                                  tracking.dvc_out_md5(root, layout.prepared_key), "finetune")
+            if target in f.unlabeled:  # no labels: clustered, not fine-tuned (docs/guide.md)
+                summary[target] = run_unlabeled_target(target, params, root)
+                continue
 
             def sink_factory(method: str, target: str = target):
                 # Every finetune metric is "finetune/<target>/...": the loop's "finetune/loss"
@@ -179,6 +264,52 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             log.info("%s: ship %s (%s)", target, chosen, reason)
         write_json(layout.metrics("finetune"), summary)
     clear_checkpoints(layout.checkpoints("finetune"))  # only now: a kill before this resumes from them
+    return summary
+
+
+def merge_pieces(params: Params, root: Path, pieces: list[Path]) -> dict[str, Any]:
+    """Assemble the stage's outputs from pieces that each fine-tuned one target (`flows.pipeline
+    --task-runner dask`; metatransfer/dvc_stages.py runs them): the same files, byte for byte,
+    as one run of the stage, which `dvc_stages.commit_stage` then records in dvc.lock.
+
+    Each target is fine-tuned alone from the same seed (`finetune_target`), so a piece's models,
+    selection and figure are those of the whole run; the summary is rebuilt here in params order.
+
+    Args:
+        params: the project's params (every target).
+        root: the project root.
+        pieces: the piece folders (each a project folder whose params name one target).
+
+    Returns:
+        The summary written to metrics/finetune.json.
+    """
+    import shutil
+
+    from metatransfer import tracking
+    from metatransfer.errors import ConfigError
+    from metatransfer.stages.common import write_json
+
+    layout = Layout.of(root, params)
+    plots_dir = layout.plots("finetune")
+    for stale in (layout.target_dir, plots_dir):  # as DVC removes a stage's outputs before running it
+        shutil.rmtree(stale, ignore_errors=True)
+    plots_dir.mkdir(parents=True)
+    layout.target_dir.mkdir(parents=True)
+    found: dict[str, Any] = {}
+    for folder in pieces:
+        part = Layout.of(folder, params)
+        for target, entry in json.loads(part.metrics("finetune").read_text()).items():
+            found[target] = entry
+            shutil.move(part.target_dir / target, layout.target_dir / target)
+        for figure in sorted(part.plots("finetune").iterdir()):  # the piece's target's figures only
+            shutil.move(figure, plots_dir / figure.name)
+        tracking.record_run_facts(root, "finetune", tracking.read_run_facts(folder).get("finetune") or {})
+    missing = [t for t in params.finetune.targets if t not in found]  # type: ignore[union-attr]
+    if missing:
+        raise ConfigError(f"finetune pieces {[str(p) for p in pieces]} lack the targets {missing}: "
+                          "run one piece per target of finetune.targets")
+    summary = {t: found[t] for t in params.finetune.targets}  # type: ignore[union-attr]
+    write_json(layout.metrics("finetune"), summary)
     return summary
 
 

@@ -23,13 +23,15 @@ from metatransfer.algorithms import build_algorithm
 from metatransfer.artifacts import save_learner
 from metatransfer.config import MetaTrainParams, Params, flatten
 from metatransfer.data.store import SplitData, load_split
+from metatransfer.descriptions import read_description
 from metatransfer.episodes import split_fingerprint
 from metatransfer.errors import ConfigError
 from metatransfer.layout import Layout
 from metatransfer.learners import backbone_spec, init_backbone
+from metatransfer.training import distributed
 from metatransfer.training.checkpoint import CheckpointConfig, clear_checkpoints, code_digest, fingerprint, state_digest
 from metatransfer.training.meta_train import MetricSink, TrainResult, TrainSettings, meta_train
-from metatransfer.training.sources import meta_train_sampler, meta_val_episodes
+from metatransfer.training.sources import give_descriptions, meta_train_sampler, meta_val_episodes
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,15 @@ def checkpoint_fingerprint(algorithm: str, params: Params, splits: list[SplitDat
     data (split fingerprints) and the training code.
     """
     skip = ("meta_train.algorithms", "meta_train.checkpoint_every")
+    world = distributed.current()  # torchrun: the sums run in another order, so the world size is part of it
     keys = {k: v for k, v in flatten(params).items()
             if (k in ("seed", "prepare.image_size", "prepare.channels") or k.startswith(("model.", "meta_train.", "runtime.")))
             and k not in skip and (not k.startswith("meta_train.hparams.") or k.startswith(f"meta_train.hparams.{algorithm}."))}
     return fingerprint({"algorithm": algorithm, "params": keys, "data": [split_fingerprint(s) for s in splits],
                         "code": code_digest(CODE_PATHS),
                         # θ's starting point (a re-run pretrain stage changes it under meta_train.init: pretrain)
-                        "init": state_digest(initial_state) if initial_state is not None else None})
+                        "init": state_digest(initial_state) if initial_state is not None else None,
+                        **({"world_size": world.world_size} if world is not None else {})})
 
 
 def train_one(
@@ -90,6 +94,8 @@ def train_one(
             raise ConfigError(f"meta_train.init is {m.init!r}: train_one needs the project root (root=...) to read "
                               "the initial weights")
         init_backbone(learner, params, root)
+    # Learners conditioned on task descriptions (conditional) get each source's (prepare.descriptions).
+    give_descriptions(learner, source, [read_description(Path(prepared_dir) / s.dataset) for s in m.sources])
     from metatransfer import runtime
 
     learner.to(runtime.device_for(params))  # params.yaml `runtime.device`; saved weights are CPU copies
@@ -109,7 +115,8 @@ def train_one(
 
     with progress(m.steps, f"meta_train {algorithm}", unit="step", time_budget_s=m.time_budget_s or None) as bar:
         return meta_train(learner, source.sample, val_episodes, settings, sink=sink, checkpoint=ckpt,
-                          on_step=lambda step, loss, acc: bar.update_to(step, loss=loss, acc=acc))
+                          on_step=lambda step, loss, acc: bar.update_to(step, loss=loss, acc=acc),
+                          dist_ctx=distributed.current())
 
 
 def run(params: Params, root: Path) -> dict[str, Any]:
@@ -120,6 +127,11 @@ def run(params: Params, root: Path) -> dict[str, Any]:
 
     m = params.meta_train
     assert m is not None
+    # Under torchrun: join the process group; ranks other than 0 train in step and write nothing.
+    ctx = distributed.init_from_env()
+    distributed.share_threads(ctx, params.runtime.threads)
+    if ctx is not None and not ctx.is_main:
+        return follow(params, root)
     preflight.check(params, root)  # shape mistakes fail now, not minutes into training
     layout = Layout.of(root, params)
     prepared, plots_dir, checkpoints = layout.prepared_dir, layout.plots("meta_train"), layout.checkpoints("meta_train")
@@ -130,6 +142,9 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         for s in m.sources:
             tracking.log_dataset(f"{s.dataset}/meta_train", str(layout.prepared_dataset(s.dataset)),
                                  tracking.dvc_out_md5(root, layout.prepared_key), "meta_train")
+        described = {s.dataset: d for s in m.sources if (d := read_description(layout.prepared_dataset(s.dataset)))}
+        if described:  # prepare.descriptions of the sources
+            tracking.log_dict(described, "descriptions.json")
         for algorithm in m.algorithms:
             with tracking.child_run(f"meta_train/{algorithm}", tags={"algorithm": algorithm, "stage": "meta_train"}):
                 tracking.log_params({f"algorithm": algorithm, **{f"hparams.{k}": v for k, v in (m.hparams.get(algorithm) or {}).items()}})
@@ -175,11 +190,84 @@ def run(params: Params, root: Path) -> dict[str, Any]:
     return summary
 
 
+def merge_pieces(params: Params, root: Path, pieces: list[Path]) -> dict[str, Any]:
+    """Assemble the stage's outputs from pieces that each trained one algorithm (`flows.pipeline
+    --task-runner dask`; metatransfer/dvc_stages.py runs them): the same files, byte for byte,
+    as one run of the stage, which `dvc_stages.commit_stage` then records in dvc.lock.
+
+    Each algorithm trains alone from the same seed (`train_one`), so a piece's model, curve and
+    summary are those of the whole run; the learning-curve figure and the summary are rebuilt here.
+
+    Args:
+        params: the project's params (every algorithm).
+        root: the project root.
+        pieces: the piece folders (each a project folder whose params name one algorithm).
+
+    Returns:
+        The summary written to metrics/meta_train.json.
+    """
+    import json
+    import shutil
+
+    from metatransfer import tracking
+    from metatransfer.evaluation.plots import plot_curves
+    from metatransfer.stages.common import write_json
+
+    layout = Layout.of(root, params)
+    plots_dir = layout.plots("meta_train")
+    for stale in (layout.meta_dir, plots_dir):  # as DVC removes a stage's outputs before running it
+        shutil.rmtree(stale, ignore_errors=True)
+    plots_dir.mkdir(parents=True)
+    layout.meta_dir.mkdir(parents=True)
+    found: dict[str, Any] = {}
+    curves: dict[str, list[dict[str, float]]] = {}
+    facts: dict[str, Any] = {"run_ids": [], "algorithms": {}}
+    for folder in pieces:
+        part = Layout.of(folder, params)
+        for algorithm, entry in json.loads(part.metrics("meta_train").read_text()).items():
+            found[algorithm] = entry
+            shutil.move(part.meta_learner(algorithm), layout.meta_learner(algorithm))
+            shutil.move(part.plots("meta_train") / f"{algorithm}.json", plots_dir / f"{algorithm}.json")
+            curves[algorithm] = json.loads((plots_dir / f"{algorithm}.json").read_text())
+        piece_facts = tracking.read_run_facts(folder).get("meta_train") or {}
+        facts["run_ids"].append(piece_facts.get("run_id"))
+        facts["algorithms"].update(piece_facts.get("algorithms") or {})
+    missing = [a for a in params.meta_train.algorithms if a not in found]  # type: ignore[union-attr]
+    if missing:
+        raise ConfigError(f"meta_train pieces {[str(p) for p in pieces]} lack the algorithms {missing}: "
+                          "run one piece per algorithm of meta_train.algorithms")
+    summary = {a: found[a] for a in params.meta_train.algorithms}  # type: ignore[union-attr]
+    plot_curves({a: curves[a] for a in summary}, "step", "acc", "meta-val accuracy during meta-training",
+                plots_dir / "val_curve.png")
+    write_json(layout.metrics("meta_train"), summary)
+    tracking.record_run_facts(root, "meta_train", facts)
+    return summary
+
+
+def follow(params: Params, root: Path) -> dict[str, Any]:
+    """A rank other than 0 of a distributed run: train every algorithm in step with rank 0, write nothing.
+
+    It reads the checkpoints rank 0 wrote (resume) and contributes its share
+    of every meta-gradient; models, metrics, plots and MLflow runs are rank 0's.
+    """
+    m = params.meta_train
+    assert m is not None
+    layout = Layout.of(root, params)
+    for algorithm in m.algorithms:
+        train_one(algorithm, params, layout.prepared_dir, checkpoint_dir=layout.checkpoints("meta_train") / algorithm,
+                  root=root)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry: `python -m metatransfer.stages.meta_train [--params params.yaml]`."""
+    """Entry: `python -m metatransfer.stages.meta_train [--params params.yaml]`, or distributed:
+    `torchrun --nproc_per_node N -m metatransfer.stages.meta_train [--params params.yaml]`."""
     from metatransfer.stages.common import run_stage
 
-    return run_stage("meta_train", argv, run)
+    try:
+        return run_stage("meta_train", argv, run)
+    finally:
+        distributed.shutdown()  # leave the process group torchrun's ranks joined (no-op in one process)
 
 
 if __name__ == "__main__":
