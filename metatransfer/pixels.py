@@ -20,4 +20,6 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     Returns:
         A new float32 tensor of the same shape.
     """
-    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    # One float32 copy made by NumPy (a store's memory map is read-only: torch.from_numpy on it warns);
+    # uint8 -> float32 is exact, so the values are those of .float() on the uint8 tensor.
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).div_(255.0)
