@@ -46,3 +46,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def fresh_dirs(*folders: str | Path) -> None:
+    """Remove each folder (if present) and create it empty, as DVC removes a stage's
+    outputs before running it (used when a stage's outputs are assembled from pieces)."""
+    import shutil
+
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        Path(folder).mkdir(parents=True)

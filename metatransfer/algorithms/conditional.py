@@ -51,7 +51,7 @@ from torch import nn
 
 from metatransfer.algorithms import _adapt, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult
-from metatransfer.algorithms.tadam import Film, film_batch_norm
+from metatransfer.algorithms.tadam import Film, film_batch_norm, meta_batch_film
 from metatransfer.descriptions import NO_DESCRIPTION, PAD, Vocabulary, build_vocabulary
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError, EpisodeError
@@ -307,19 +307,7 @@ class Conditional(_adapt.MetricLearner):
             self.task_film(emb, ep.support_y.to(device), ep.n_way, self.token_ids(self.episode_description(ep)))
             for emb, ep in zip(support_emb, episodes)
         ]
-        if len(episodes) == 1:
-            film = films[0]
-        else:
-            counts = torch.tensor(
-                [ep.support_x.shape[0] + ep.query_x.shape[0] for ep in episodes], device=device
-            )
-            film = [
-                (
-                    torch.cat([f[layer][0] for f in films]).repeat_interleave(counts, dim=0),
-                    torch.cat([f[layer][1] for f in films]).repeat_interleave(counts, dim=0),
-                )
-                for layer in range(len(films[0]))
-            ]
+        film = meta_batch_film(films, episodes, device)
         embedded = _metric.embed_episodes(lambda x: self.features(x, film), episodes, device, dtype)
         logits = [
             self.logits(q, _metric.class_means(s, ep.support_y.to(device), ep.n_way))

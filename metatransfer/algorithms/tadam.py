@@ -103,6 +103,25 @@ def film_batch_norm(
     return torch.addcmul(shift[:, :, None, None], normalised, scale[:, :, None, None])
 
 
+def meta_batch_film(films: Sequence[Film], episodes: Sequence[Episode], device: torch.device) -> Film:
+    """One FiLM for a meta-batch embedded in one pass (`_metric.embed_episodes`).
+
+    One task: its (1, C) rows, folded into BatchNorm's affine. Several: each task's
+    FiLM repeated over its own support + query images, in the order embed_episodes
+    concatenates them.
+    """
+    if len(films) == 1:
+        return films[0]
+    counts = torch.tensor([ep.support_x.shape[0] + ep.query_x.shape[0] for ep in episodes], device=device)
+    return [
+        (
+            torch.cat([f[layer][0] for f in films]).repeat_interleave(counts, dim=0),
+            torch.cat([f[layer][1] for f in films]).repeat_interleave(counts, dim=0),
+        )
+        for layer in range(len(films[0]))
+    ]
+
+
 class TaskEmbeddingNetwork(nn.Module):
     """TEN: task representation Δ (E, D) → FiLM (γ, β) per conv block.
 
@@ -228,21 +247,7 @@ class TADAM(_adapt.MetricLearner):
             self.task_film(emb, ep.support_y.to(device), ep.n_way)
             for emb, ep in zip(support_emb, episodes)
         ]
-        if len(episodes) == 1:
-            film = films[0]  # one (1, C) row per block: folded into BatchNorm's affine
-        else:
-            # Each task's FiLM repeated over its own support + query images, in the
-            # order embed_episodes concatenates them.
-            counts = torch.tensor(
-                [ep.support_x.shape[0] + ep.query_x.shape[0] for ep in episodes], device=device
-            )
-            film = [
-                (
-                    torch.cat([f[layer][0] for f in films]).repeat_interleave(counts, dim=0),
-                    torch.cat([f[layer][1] for f in films]).repeat_interleave(counts, dim=0),
-                )
-                for layer in range(len(films[0]))
-            ]
+        film = meta_batch_film(films, episodes, device)
         embedded = _metric.embed_episodes(lambda x: self.features(x, film), episodes, device, dtype)
         logits = [
             self.logits(q, _metric.class_means(s, ep.support_y.to(device), ep.n_way))

@@ -287,14 +287,12 @@ def merge_pieces(params: Params, root: Path, pieces: list[Path]) -> dict[str, An
 
     from metatransfer import tracking
     from metatransfer.errors import ConfigError
+    from metatransfer.io import fresh_dirs
     from metatransfer.stages.common import write_json
 
     layout = Layout.of(root, params)
     plots_dir = layout.plots("finetune")
-    for stale in (layout.target_dir, plots_dir):  # as DVC removes a stage's outputs before running it
-        shutil.rmtree(stale, ignore_errors=True)
-    plots_dir.mkdir(parents=True)
-    layout.target_dir.mkdir(parents=True)
+    fresh_dirs(layout.target_dir, plots_dir)  # as DVC removes a stage's outputs before running it
     found: dict[str, Any] = {}
     for folder in pieces:
         part = Layout.of(folder, params)

@@ -211,14 +211,12 @@ def merge_pieces(params: Params, root: Path, pieces: list[Path]) -> dict[str, An
 
     from metatransfer import tracking
     from metatransfer.evaluation.plots import plot_curves
+    from metatransfer.io import fresh_dirs
     from metatransfer.stages.common import write_json
 
     layout = Layout.of(root, params)
     plots_dir = layout.plots("meta_train")
-    for stale in (layout.meta_dir, plots_dir):  # as DVC removes a stage's outputs before running it
-        shutil.rmtree(stale, ignore_errors=True)
-    plots_dir.mkdir(parents=True)
-    layout.meta_dir.mkdir(parents=True)
+    fresh_dirs(layout.meta_dir, plots_dir)  # as DVC removes a stage's outputs before running it
     found: dict[str, Any] = {}
     curves: dict[str, list[dict[str, float]]] = {}
     facts: dict[str, Any] = {"run_ids": [], "algorithms": {}}

@@ -13,9 +13,6 @@ the server's folder holds every artifact: a client needs no shared disk
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,17 +25,11 @@ import pytest
 import torch
 
 from tests.integration.conftest import make_project, project_env
+from tests.integration.test_serving import free_port, stop
 
 pytestmark = pytest.mark.slow
 
 STAGE_RUNS = {"fetch", "prepare", "pretrain", "meta_train", "finetune", "evaluate"}
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
@@ -55,20 +46,6 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: 
             pass
         time.sleep(0.5)
     pytest.fail(f"{what}: {url} not ready after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server started with start_new_session=True and every worker in its process group."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
 
 
 def cli(project: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
