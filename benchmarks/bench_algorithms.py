@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from metatransfer.algorithms import REGISTRY, build_algorithm
+from metatransfer.algorithms import CATALOG, build_algorithm
 from metatransfer.data.store import SplitData, load_split
 from metatransfer.episodes import Episode, EpisodeSampler
 from metatransfer.errors import DataError
@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument(
         "--algorithms",
-        default=",".join(REGISTRY),
+        default=",".join(CATALOG),
         help="comma-separated registry names (default: all registered)",
     )
     parser.add_argument("--meta-batch", type=int, default=1, help="episodes per meta-train step")
@@ -459,9 +459,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
-    unknown = [n for n in names if n not in REGISTRY]
+    unknown = [n for n in names if n not in CATALOG]
     if unknown:
-        parser.error(f"unknown algorithm(s) {unknown}; valid: {', '.join(REGISTRY)}")
+        parser.error(f"unknown algorithm(s) {unknown}; valid: {', '.join(CATALOG)}")
     if args.meta_batch < 1 or args.threads < 1:
         parser.error("--meta-batch and --threads must be >= 1")
     mode = "quick" if args.quick else "full"

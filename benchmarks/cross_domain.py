@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from metatransfer import tracking
-from metatransfer.algorithms import REGISTRY, build_algorithm
+from metatransfer.algorithms import CATALOG, build_algorithm
 from metatransfer.algorithms.base import MetaLearner
 from metatransfer.config import SourceMixParams, load_params
 from metatransfer.data.store import SplitData, available, load_split
@@ -107,7 +107,7 @@ def main() -> None:
     """Train, score every (target, shot), select per target, write and print the results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="protonet, fomaml, anil + baselines, 0.5 min, 30 episodes")
-    ap.add_argument("--algorithms", default=",".join(REGISTRY), help="comma-separated registry names")
+    ap.add_argument("--algorithms", default=",".join(CATALOG), help="comma-separated registry names")
     ap.add_argument("--minutes", type=float, default=10.0, help="meta-training budget per algorithm")
     ap.add_argument("--episodes", type=int, default=600, help="fixed target episodes per (target, shot)")
     ap.add_argument("--val-episodes", type=int, default=50, help="3-shot val-split episodes for method selection")
@@ -123,9 +123,9 @@ def main() -> None:
     if args.quick:
         args.algorithms, args.minutes, args.episodes, args.val_episodes = "protonet,fomaml,anil,scratch,baselinepp", 0.5, 30, 20
     algorithms = list(dict.fromkeys(args.algorithms.split(",") + list(BASELINES)))
-    unknown = [a for a in algorithms if a not in REGISTRY]
+    unknown = [a for a in algorithms if a not in CATALOG]
     if unknown:
-        ap.error(f"--algorithms: unknown {unknown}; choose from {sorted(REGISTRY)}")
+        ap.error(f"--algorithms: unknown {unknown}; choose from {sorted(CATALOG)}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     params = load_params(args.params)

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from metatransfer import runtime, tracking
-from metatransfer.algorithms import REGISTRY, build_algorithm
+from metatransfer.algorithms import CATALOG, build_algorithm
 from metatransfer.config import Params, load_params
 from metatransfer.data.store import available, load_split
 from metatransfer.episodes import build_fixed_episodes
@@ -164,9 +164,9 @@ def main() -> None:
         args.steps, args.pretrain_steps, args.episodes, args.val_episodes, args.val_every = \
             min(args.steps, 50), min(args.pretrain_steps, 100), 50, 20, 25
     algorithms = args.algorithms.split(",")
-    unknown = [a for a in algorithms if a not in REGISTRY]
+    unknown = [a for a in algorithms if a not in CATALOG]
     if unknown:
-        ap.error(f"--algorithms: unknown {unknown}; choose from {sorted(REGISTRY)}")
+        ap.error(f"--algorithms: unknown {unknown}; choose from {sorted(CATALOG)}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     params = load_params(args.params)

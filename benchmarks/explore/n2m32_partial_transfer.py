@@ -9,7 +9,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import numpy as np, torch
 from metatransfer.algorithms import build_algorithm
-from metatransfer.algorithms import _finetune
+from metatransfer.algorithms import _support_fit
 from metatransfer.artifacts import load_learner
 from metatransfer.config import load_params
 from metatransfer.data.store import load_split

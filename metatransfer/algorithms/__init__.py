@@ -1,4 +1,4 @@
-"""Algorithm registry: maps names used in params.yaml to implementations.
+"""Algorithm catalog: maps names used in params.yaml to implementations.
 
 Each algorithm lives in its own file and registers itself here by name.
 """
@@ -14,7 +14,7 @@ from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec
 
 # name -> "module:Class"; imported lazily so one broken file cannot break the rest.
-REGISTRY: dict[str, str] = {
+CATALOG: dict[str, str] = {
     "maml": "metatransfer.algorithms.maml:MAML",
     "fomaml": "metatransfer.algorithms.fomaml:FOMAML",
     "reptile": "metatransfer.algorithms.reptile:Reptile",
@@ -40,10 +40,10 @@ def algorithm_class(name: str) -> type[MetaLearner]:
         ConfigError: unknown name; the message lists the valid names.
     """
     try:
-        target = REGISTRY[name]
+        target = CATALOG[name]
     except KeyError:
         raise ConfigError(
-            f"unknown algorithm {name!r}; valid: {', '.join(sorted(REGISTRY))}"
+            f"unknown algorithm {name!r}; valid: {', '.join(sorted(CATALOG))}"
         ) from None
     module_name, class_name = target.split(":")
     return getattr(importlib.import_module(module_name), class_name)
@@ -77,18 +77,18 @@ def check_params(params: Params) -> None:
     if m is None:
         return
     for name in m.algorithms:
-        if name not in REGISTRY:
-            raise ConfigError(f"meta_train.algorithms: unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
+        if name not in CATALOG:
+            raise ConfigError(f"meta_train.algorithms: unknown algorithm {name!r}; valid: {sorted(CATALOG)}")
     for name, hp in m.hparams.items():
-        if name not in REGISTRY:
-            raise ConfigError(f"meta_train.hparams.{name}: unknown algorithm {name!r}; valid: {sorted(REGISTRY)}")
+        if name not in CATALOG:
+            raise ConfigError(f"meta_train.hparams.{name}: unknown algorithm {name!r}; valid: {sorted(CATALOG)}")
         algorithm_class(name).hparams_class.from_mapping(hp, f"meta_train.hparams.{name}")
 
 
 register_params_check(check_params)
 
 __all__ = [
-    "REGISTRY",
+    "CATALOG",
     "Hparams",
     "MetaLearner",
     "Predictor",

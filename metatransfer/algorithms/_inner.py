@@ -44,7 +44,7 @@ from metatransfer.episodes import Episode
 from metatransfer.errors import EpisodeError
 from metatransfer.models import BackboneSpec, build_backbone
 
-Params = dict[str, torch.Tensor]
+FastWeights = dict[str, torch.Tensor]
 # A step size: one float for every parameter, or one tensor per parameter name
 # (Meta-SGD's learned, element-wise rates; a tensor broadcasts against its parameter).
 StepSize = float | Mapping[str, torch.Tensor]
@@ -94,12 +94,12 @@ def build_classifier(spec: BackboneSpec, n_way: int) -> Classifier:
     return Classifier(build_backbone(spec, track_running_stats=False), n_way)
 
 
-def parameters_of(module: nn.Module) -> Params:
+def parameters_of(module: nn.Module) -> FastWeights:
     """Return the module's parameters by name (the live tensors, not copies)."""
     return dict(module.named_parameters())
 
 
-def detached(params: Mapping[str, torch.Tensor]) -> Params:
+def detached(params: Mapping[str, torch.Tensor]) -> FastWeights:
     """Return leaf copies of `params` that require grad and share no graph with them."""
     return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
 
@@ -126,7 +126,7 @@ def sgd_step(
     params: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
     lr: StepSize,
-) -> Params:
+) -> FastWeights:
     """One gradient step φ' = φ − lr·g on the names present in `grads`.
 
     Args:
@@ -146,12 +146,12 @@ def sgd_step(
 
 def sgd_steps(
     params: Mapping[str, torch.Tensor],
-    loss_of: Callable[[Params], torch.Tensor],
+    loss_of: Callable[[FastWeights], torch.Tensor],
     steps: int,
     lr: StepSize,
     create_graph: bool,
     names: Collection[str] | None = None,
-) -> Params:
+) -> FastWeights:
     """Run `steps` full-batch gradient steps on `loss_of(φ)`, functionally: the one
     fast-weight loop of every gradient-based learner here.
 
@@ -194,7 +194,7 @@ def adapt_sgd(
     lr: StepSize,
     create_graph: bool,
     names: Collection[str] | None = None,
-) -> Params:
+) -> FastWeights:
     """`sgd_steps` on the support cross-entropy of `model` run with the fast weights.
 
     Args:
@@ -251,11 +251,11 @@ def head_loss(features: torch.Tensor, y: torch.Tensor, head: Mapping[str, torch.
 
 def sgd_detached(
     params: Mapping[str, torch.Tensor],
-    loss_of: Callable[[Params], torch.Tensor],
+    loss_of: Callable[[FastWeights], torch.Tensor],
     steps: int,
     lr: StepSize,
     names: Collection[str] | None = None,
-) -> Params:
+) -> FastWeights:
     """Adaptation at evaluation time: `steps` plain SGD steps, no graph kept.
 
     Each step starts from detached leaves, so memory does not grow with the
@@ -416,7 +416,7 @@ class GradientLearner(MetaLearner):
         return freeze_with(work, fast)
 
     @abstractmethod
-    def adapted_weights(self, work: Classifier, x: torch.Tensor, y: torch.Tensor) -> Params:
+    def adapted_weights(self, work: Classifier, x: torch.Tensor, y: torch.Tensor) -> FastWeights:
         """The weights (all names of `work`) adapted to the support set (x, y).
 
         Args:

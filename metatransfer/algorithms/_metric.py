@@ -26,7 +26,7 @@ def check_hparams(hparams: Hparams, expected: type[Hparams], algorithm: str) -> 
     Args:
         hparams: what the caller passed.
         expected: the algorithm's `hparams_class`.
-        algorithm: the algorithm's registry name, for the message.
+        algorithm: the algorithm's catalog name, for the message.
 
     Raises:
         ConfigError: `hparams` is not an instance of `expected`.

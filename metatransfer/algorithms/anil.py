@@ -51,8 +51,8 @@ class ANIL(MAML):
     hparams: ANILHparams  # type: ignore[assignment]
 
     def _task_fast_weights(
-        self, params: _inner.Params, support_x: torch.Tensor, support_y: torch.Tensor
-    ) -> _inner.Params:
+        self, params: _inner.FastWeights, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> _inner.FastWeights:
         """θ with the head adapted on the support features (graph kept to θ, backbone included).
 
         The support features are computed once; MAML's `meta_learn` then runs
@@ -69,7 +69,7 @@ class ANIL(MAML):
         )
         return {**params, "head.weight": weight, "head.bias": bias}
 
-    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.Params:
+    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.FastWeights:
         """`eval_inner_steps` SGD steps on a copy of the head over fixed features; the backbone stays θ's.
 
         A different `n_way` than `self.n_way` starts from a zero head (see

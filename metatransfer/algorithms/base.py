@@ -94,7 +94,7 @@ def learning_rate_keys(algorithm: str, hparams_class: type[Hparams]) -> list[str
     `meta_train.meta_lr` and its own step sizes under `meta_train.hparams.<algorithm>`.
 
     Args:
-        algorithm: registry name.
+        algorithm: catalog name.
         hparams_class: its `Hparams` subclass.
 
     Returns:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _adapt, _finetune, _metric
+from metatransfer.algorithms import _adapt, _support_fit, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError
@@ -134,7 +134,7 @@ def require_hparam(ok: bool, algorithm: str, key: str, rule: str, value: object)
 
     Args:
         ok: the checked condition.
-        algorithm: registry name (the params key is meta_train.hparams.<algorithm>.<key>).
+        algorithm: catalog name (the params key is meta_train.hparams.<algorithm>.<key>).
         key: the hyper-parameter.
         rule: what it must be, e.g. "> 0".
         value: what was found.
@@ -222,7 +222,7 @@ class Baseline(_adapt.SupportLearner):
         """
         return self.fit_predictor(copy.deepcopy(self.backbone), support)
 
-    def fit_predictor(self, backbone: nn.Module, support: _adapt.Support) -> _finetune.FeatureClassifier:
+    def fit_predictor(self, backbone: nn.Module, support: _adapt.Support) -> _support_fit.FeatureClassifier:
         """Train a new head (and, with `finetune_backbone`, `backbone`) on the support set.
 
         Args:
@@ -235,7 +235,7 @@ class Baseline(_adapt.SupportLearner):
         """
         hp = self.hparams
         x, y = support.x, support.y
-        with _finetune.seeded(hp.seed):
+        with _support_fit.seeded(hp.seed):
             head = self.make_head(self.backbone.out_dim, support.n_way)
         head = head.to(device=support.device, dtype=support.dtype)
 
@@ -249,20 +249,20 @@ class Baseline(_adapt.SupportLearner):
             )
 
         if hp.finetune_backbone:
-            model = _finetune.FeatureClassifier(backbone, head)
+            model = _support_fit.FeatureClassifier(backbone, head)
             for param in model.parameters():
                 param.requires_grad_(True)
                 param.grad = None
             model.train()
-            _finetune.set_batchnorm_eval(model)
-            losses = _finetune.fit(
+            _support_fit.set_batchnorm_eval(model)
+            losses = _support_fit.fit(
                 model, x, y, sgd(model.parameters()), hp.adapt_epochs, hp.adapt_batch_size, hp.seed
             )
         else:
-            _finetune.freeze(backbone)
-            features = _finetune.extract_features(backbone, x)
+            _support_fit.freeze(backbone)
+            features = _support_fit.extract_features(backbone, x)
             head.train()
-            losses = _finetune.fit(
+            losses = _support_fit.fit(
                 head, features, y, sgd(head.parameters()), hp.adapt_epochs, hp.adapt_batch_size, hp.seed
             )
-        return _finetune.freeze(_finetune.FeatureClassifier(backbone, head, losses))
+        return _support_fit.freeze(_support_fit.FeatureClassifier(backbone, head, losses))

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from metatransfer.algorithms import _adapt, _finetune
+from metatransfer.algorithms import _adapt, _support_fit
 from metatransfer.algorithms.base import Hparams, Predictor
 from metatransfer.algorithms.baseline import Baseline, BaselineHparams
 
@@ -69,5 +69,5 @@ class BNAdapt(Baseline):
             the target statistics.
         """
         backbone = copy.deepcopy(self.backbone)
-        _finetune.reestimate_batchnorm(backbone, self.statistics_images(support))
+        _support_fit.reestimate_batchnorm(backbone, self.statistics_images(support))
         return self.fit_predictor(backbone, support)

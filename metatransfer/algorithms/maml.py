@@ -68,8 +68,8 @@ class MAML(_inner.GradientLearner):
         return self.hparams.inner_lr
 
     def _task_fast_weights(
-        self, params: _inner.Params, support_x: torch.Tensor, support_y: torch.Tensor
-    ) -> _inner.Params:
+        self, params: _inner.FastWeights, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> _inner.FastWeights:
         """Fast weights φ for one task during meta-training (graph kept to θ)."""
         return _inner.adapt_sgd(
             self.model,
@@ -106,7 +106,7 @@ class MAML(_inner.GradientLearner):
             total_acc += episode_accuracy(logits.detach(), qy)
         return StepResult(loss=total_loss / n_tasks, acc=total_acc / n_tasks)
 
-    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.Params:
+    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.FastWeights:
         """`eval_inner_steps` SGD steps of size `adapt_step_size` on the support loss, from `work`'s weights."""
         return _inner.sgd_detached(
             _inner.parameters_of(work),

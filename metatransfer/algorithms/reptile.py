@@ -111,7 +111,7 @@ def inner_optimizer(
 
 def inner_train(
     model: torch.nn.Module,
-    start: _inner.Params,
+    start: _inner.FastWeights,
     x: torch.Tensor,
     y: torch.Tensor,
     steps: int,
@@ -119,7 +119,7 @@ def inner_train(
     optimizer: str,
     batch: int,
     generator: torch.Generator | None = None,
-) -> _inner.Params:
+) -> _inner.FastWeights:
     """Train a copy of `start` on (x, y) and return the final weights (no graph to `start`).
 
     Args:
@@ -204,12 +204,12 @@ class Reptile(_inner.GradientLearner):
 
     def _train_task(
         self,
-        start: _inner.Params,
+        start: _inner.FastWeights,
         x: torch.Tensor,
         y: torch.Tensor,
         steps: int,
         generator: torch.Generator | None,
-    ) -> _inner.Params:
+    ) -> _inner.FastWeights:
         hp = self.hparams
         return inner_train(
             self.model, start, x, y, steps,
@@ -244,7 +244,7 @@ class Reptile(_inner.GradientLearner):
                 p.grad = p.detach() - phi_sum[k] / n_tasks
         return StepResult(loss=total_loss / n_tasks, acc=total_acc / n_tasks)
 
-    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.Params:
+    def adapted_weights(self, work: _inner.Classifier, x: torch.Tensor, y: torch.Tensor) -> _inner.FastWeights:
         """`eval_inner_steps` inner-optimiser steps on the support set, from `work`'s weights.
 
         Mini-batches come from a fixed-seed generator, so the result does not

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _adapt, _finetune, _metric
+from metatransfer.algorithms import _adapt, _support_fit, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
 from metatransfer.algorithms.baseline import require_hparam
 from metatransfer.episodes import Episode
@@ -82,7 +82,7 @@ class Scratch(_adapt.SupportLearner):
         # to build; it equals initial_model(n_way) at construction.
         self.model = self.initial_model(n_way)
 
-    def initial_model(self, n_way: int) -> _finetune.FeatureClassifier:
+    def initial_model(self, n_way: int) -> _support_fit.FeatureClassifier:
         """The seeded initialisation (backbone + linear `n_way` head) every task starts from.
 
         Args:
@@ -92,10 +92,10 @@ class Scratch(_adapt.SupportLearner):
             A new `FeatureClassifier` on CPU in eval mode; the backbone is the
             same for every `n_way` (it is built first from the same seed).
         """
-        with _finetune.seeded(self.hparams.seed):
+        with _support_fit.seeded(self.hparams.seed):
             backbone = build_backbone(self.backbone_spec, track_running_stats=self.track_running_stats)
             head = nn.Linear(backbone.out_dim, n_way)
-        return _finetune.FeatureClassifier(backbone, head)
+        return _support_fit.FeatureClassifier(backbone, head)
 
     def meta_learn(self, episodes: Sequence[Episode]) -> StepResult:
         """Report the untrained initialisation's query loss and accuracy; fill no gradient.
@@ -140,7 +140,7 @@ class Scratch(_adapt.SupportLearner):
         model = self.initial_model(support.n_way).to(device=support.device, dtype=support.dtype)
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        losses = _finetune.fit(model, support.x, support.y, optimizer, hp.steps, 0, hp.seed)
-        _finetune.reestimate_batchnorm(model.backbone, support.x)
+        losses = _support_fit.fit(model, support.x, support.y, optimizer, hp.steps, 0, hp.seed)
+        _support_fit.reestimate_batchnorm(model.backbone, support.x)
         model.fit_losses = losses
-        return _finetune.freeze(model)
+        return _support_fit.freeze(model)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metatransfer.algorithms import _adapt, _finetune, _metric
+from metatransfer.algorithms import _adapt, _support_fit, _metric
 from metatransfer.algorithms.base import Hparams, Predictor
 from metatransfer.algorithms.baseline import Baseline, PretrainHparams, require_hparam
 
@@ -200,11 +200,11 @@ class TIM(Baseline):
             A `FeatureClassifier` (eval mode, frozen) with a `TIMHead`; its
             `fit_losses` holds the objective along the iterations.
         """
-        backbone = _finetune.frozen_copy(self.backbone)
-        support_z = F.normalize(_finetune.extract_features(backbone, support.x), dim=1)
+        backbone = _support_fit.frozen_copy(self.backbone)
+        support_z = F.normalize(_support_fit.extract_features(backbone, support.x), dim=1)
         query_z = None
         if support.unlabeled_x is not None:
-            query_z = F.normalize(_finetune.extract_features(backbone, support.unlabeled_x), dim=1)
+            query_z = F.normalize(_support_fit.extract_features(backbone, support.unlabeled_x), dim=1)
         weights, losses = fit_tim(support_z, support.y, query_z, support.n_way, self.hparams)
         head = TIMHead(weights, self.hparams.temperature)
-        return _finetune.freeze(_finetune.FeatureClassifier(backbone, head, losses))
+        return _support_fit.freeze(_support_fit.FeatureClassifier(backbone, head, losses))

@@ -64,7 +64,7 @@ def _check_npz_files(prep: PrepareParams) -> None:
             raise ConfigError(f"{key}: the entry name is the dataset name and its folder data/prepared/<name>: use "
                               f"letters, digits, '_', '.', '-' (starting with a letter or digit), found {name!r}")
         if name in prep.image_folders or name in DATASETS:
-            where = "prepare.image_folders" if name in prep.image_folders else "the dataset registry (fetch.datasets)"
+            where = "prepare.image_folders" if name in prep.image_folders else "the source table (fetch.datasets)"
             raise ConfigError(f"{key}: the name {name!r} is already a dataset of {where}; give the file another name")
         if not f.path.strip():
             raise ConfigError(f"{key}.path: must name a .npz file, found an empty string")

@@ -66,7 +66,7 @@ class NpzFileParams:
 
 @dataclass(frozen=True)
 class FetchParams:
-    """Which registered datasets to fetch into data/raw (names from the dataset registry)."""
+    """Which registered datasets to fetch into data/raw (names from the source table)."""
 
     datasets: tuple[str, ...]
 

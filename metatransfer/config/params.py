@@ -48,7 +48,7 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class PromoteParams:
-    """The promotion gate (metatransfer/registry.py, docs/registry.md).
+    """The promotion gate (metatransfer/registry/gate.py, docs/registry.md).
 
     margin: minimum mean per-episode accuracy gain of the challenger over the reference.
     confidence: level of the paired interval of the per-episode difference.

@@ -43,7 +43,7 @@ def matching_checksum(path: Path, spec: SourceFile) -> Checksum | None:
 
     Args:
         path: the file to check.
-        spec: its registry entry.
+        spec: its source-table entry.
 
     Returns:
         The matching Checksum, or None when none matches.
@@ -60,7 +60,7 @@ def verify_file(path: Path, spec: SourceFile) -> Checksum:
 
     Args:
         path: the file.
-        spec: its registry entry.
+        spec: its source-table entry.
 
     Returns:
         The matching Checksum (its note says which provenance matched).

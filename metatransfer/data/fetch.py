@@ -1,7 +1,7 @@
 """fetch: a dataset's raw files from the mirror folder or the official URL, verified; and locating them.
 
 The mirror is ``data.mirror`` in params.yaml, overridden by the environment
-variable ``METATRANSFER_MIRROR``; the registry (sources.py) says where each file
+variable ``METATRANSFER_MIRROR``; the source table (sources.py) says where each file
 lies in it, its official URL and its accepted checksums.
 
 ``fetch`` never leaves a partial file: it writes to a temporary file in the
@@ -91,7 +91,7 @@ def fetch_file(spec: SourceFile, dest: Path, mirror: Path | None) -> Path:
     """Copy (mirror) or download (URL) one file to `dest`, verified and atomically.
 
     Args:
-        spec: registry entry of the file.
+        spec: source-table entry of the file.
         dest: final path.
         mirror: mirror folder, or None to download.
 
@@ -203,7 +203,7 @@ def fetch_folder(source: DatasetSource, dest: Path, mirror: Path | None) -> Path
     temporary folder is removed and `dest` is left as it was.
 
     Args:
-        source: a registry entry with `folder` set.
+        source: a source-table entry with `folder` set.
         dest: the final folder (``<raw_dir>/<name>``).
         mirror: the mirror root, or None (then this is an error: folder datasets are not downloadable here).
 
@@ -264,7 +264,7 @@ def raw_folder(name: str, raw_dir: Path, verify: bool = True) -> Path:
     """Locate (and verify) the fetched folder of a folder dataset.
 
     Args:
-        name: registry name of a folder dataset.
+        name: source name of a folder dataset.
         raw_dir: the raw data root.
         verify: check every file listed in the folder's SHA256SUMS.
 
@@ -295,12 +295,12 @@ def fetch(name: str, raw_dir: Path, mirror: str | Path | None) -> list[Path]:
     the mirror with `resolve_mirror` (environment override) first.
 
     Args:
-        name: registry name (see DATASETS, or any MedMNIST 2D name).
+        name: source name (see DATASETS, or any MedMNIST 2D name).
         raw_dir: the raw data root (e.g. data/raw).
         mirror: mirror folder; None or "" downloads from the official URLs.
 
     Returns:
-        The paths of the dataset's raw files, in registry order (for a folder
+        The paths of the dataset's raw files, in source-table order (for a folder
         dataset: the one folder ``raw_dir/<name>``).
 
     Raises:
@@ -319,7 +319,7 @@ def raw_files(name: str, raw_dir: Path, verify: bool = True) -> dict[str, Path]:
     """Locate (and verify) the fetched raw files of a dataset.
 
     Args:
-        name: registry name.
+        name: source name.
         raw_dir: the raw data root.
         verify: check each file's checksum.
 

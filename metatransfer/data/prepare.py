@@ -75,7 +75,7 @@ def prepared_dataset_names(fetch_datasets: tuple[str, ...], params: PrepareParam
     """Every dataset the prepare stage builds: fetch.datasets, then the image_folders and npz_files entries.
 
     Args:
-        fetch_datasets: registry names (params fetch.datasets).
+        fetch_datasets: source names (params fetch.datasets).
         params: prepare params.
 
     Returns:
@@ -127,7 +127,7 @@ def import_dataset(name: str, params: PrepareParams, raw_dir: Path, base_dir: Pa
     Image files are listed, not decoded (prepare decodes them in chunks).
 
     Args:
-        name: a registry name or a key of params.image_folders or params.npz_files.
+        name: a source name or a key of params.image_folders or params.npz_files.
         params: prepare params.
         raw_dir: raw data root (fetched files under raw_dir/<name>/).
         base_dir: folder relative ImageFolder and npz paths are resolved against.
@@ -243,7 +243,7 @@ def prepare(params: PrepareParams, datasets: tuple[str, ...], raw_dir: Path, out
     Args:
         params: prepare params (image_size, channels, omniglot_protocol, meta_val_classes, val_fraction,
             image_folders).
-        datasets: registry names and/or keys of params.image_folders / params.npz_files
+        datasets: source names and/or keys of params.image_folders / params.npz_files
             (`prepared_dataset_names`).
         raw_dir: raw data root (as written by fetch).
         out_dir: the prepared folder (replaced as a whole at the end).

@@ -1,4 +1,4 @@
-"""Dataset registry: official sources, mirror paths and accepted checksums (a data table).
+"""Dataset source table: official sources, mirror paths and accepted checksums (a data table).
 
 Every raw file the pipeline reads has one entry here: its official URL, its
 path inside a local mirror folder (``data.mirror`` in params.yaml, overridden
@@ -112,7 +112,7 @@ class DatasetSource:
     """A registered dataset: how to get its raw files and which importer reads them.
 
     Attributes:
-        name: registry name (also the raw and prepared folder name).
+        name: source name (also the raw and prepared folder name).
         kind: importer kind: "omniglot_npz", "omniglot_zip", "medmnist", "kmnist",
             "csv_split" (images/ + train/val/test.csv) or "split_folder"
             (split/class/image folders).
@@ -132,7 +132,7 @@ class DatasetSource:
     role: str = ""
 
 
-# --------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------- source table
 _BITS = "https://raw.githubusercontent.com/bitsandscraps/omniglot/b0481240b7eb42393285a93ce7d2f266ff10c62b"
 _LAKE = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
 _KMNIST = "http://codh.rois.ac.jp/kmnist/dataset/kmnist"
@@ -168,7 +168,7 @@ _MEDMNIST_MIRROR_SHA256: dict[str, Checksum] = {
 
 
 def medmnist_source(name: str) -> DatasetSource:
-    """The registry entry of a MedMNIST 2D dataset (28x28 file) by name.
+    """The source-table entry of a MedMNIST 2D dataset (28x28 file) by name.
 
     Args:
         name: lowercase MedMNIST name, e.g. "dermamnist".
@@ -322,10 +322,10 @@ DATASETS["ham10000_mel_nv"] = DatasetSource(
 
 
 def get_source(name: str) -> DatasetSource:
-    """Look a dataset up in the registry (any MedMNIST 2D name also works).
+    """Look a dataset up in the source table (any MedMNIST 2D name also works).
 
     Args:
-        name: registry name.
+        name: source name.
 
     Returns:
         The DatasetSource.

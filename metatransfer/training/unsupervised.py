@@ -8,7 +8,7 @@ images only):
 
 1. The learner's backbone (φ) starts the model; its BatchNorm running
    statistics are re-estimated on the target images (AdaBN, as `bn_adapt`
-   does for episodes: metatransfer/algorithms/_finetune.py).
+   does for episodes: metatransfer/algorithms/_support_fit.py).
 2. The images are embedded and clustered by soft k-means (seeded k-means++
    starts, several restarts, the lowest free energy kept). k comes from the
    params or, with `select_k`, is the k in 2..k_max with the highest
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metatransfer.algorithms._finetune import reestimate_batchnorm
+from metatransfer.algorithms._support_fit import reestimate_batchnorm
 from metatransfer.algorithms.base import MetaLearner
 from metatransfer.augment import augment_batch
 from metatransfer.config import AugmentParams

@@ -232,13 +232,13 @@ def test_learning_rate_hints_name_only_real_keys(raw: dict) -> None:
     """The non-finite-step hint is read off each algorithm's hparams dataclass:
     every key it names is accepted by params validation, and protonet (no inner
     step size) is pointed at meta_train.meta_lr alone."""
-    from metatransfer.algorithms import REGISTRY, algorithm_class
+    from metatransfer.algorithms import CATALOG, algorithm_class
     from metatransfer.algorithms.base import learning_rate_keys
 
     assert learning_rate_keys("protonet", algorithm_class("protonet").hparams_class) == ["meta_train.meta_lr"]
     assert learning_rate_keys("anil", algorithm_class("anil").hparams_class) == [
         "meta_train.meta_lr", "meta_train.hparams.anil.inner_lr"]
-    for name in sorted(REGISTRY):
+    for name in sorted(CATALOG):
         for key in learning_rate_keys(name, algorithm_class(name).hparams_class):
             bad = copy.deepcopy(raw)
             section = bad

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from metatransfer.algorithms import REGISTRY, build_algorithm
+from metatransfer.algorithms import CATALOG, build_algorithm
 from metatransfer.artifacts import load_learner, save_learner
 from metatransfer.data.store import SplitData
 from metatransfer.episodes import EpisodeSampler
@@ -41,7 +41,7 @@ def split(seed: int, classes: int = 8, per_class: int = 5) -> SplitData:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(CATALOG))
 def test_every_algorithm_trains_on_the_device_and_serves_from_the_cpu(name: str, device: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = mixed_source_sampler([split(0)], [1.0], N_WAY, 1, 2, seed=0, rotation_augment=False)

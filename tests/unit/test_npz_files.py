@@ -218,7 +218,7 @@ def test_params_defaults_and_absent_or_empty_section(raw: dict) -> None:
     ({"b": {"path": "b.npz", "split_fractions": [0.5, 0.5, 0.5]}}, r"prepare.npz_files.b.split_fractions: must be three"),
     ({"b": {"path": "b.npz", "class_names": ["x", "y", "x"]}}, r"prepare.npz_files.b.class_names: names must be distinct, found \['x'\]"),
     ({"b": {"path": "b.npz", "class_names": ["x", "a/b"]}}, r"prepare.npz_files.b.class_names: every name must be non-empty and without '/'"),
-    ({"breastmnist": {"path": "b.npz"}}, r"prepare.npz_files.breastmnist: the name 'breastmnist' is already a dataset of the dataset registry"),
+    ({"breastmnist": {"path": "b.npz"}}, r"prepare.npz_files.breastmnist: the name 'breastmnist' is already a dataset of the source table"),
     ({"../x": {"path": "b.npz"}}, r"prepare.npz_files.../x: the entry name is the dataset name"),
     ({"b": {"path": ""}}, r"prepare.npz_files.b.path: must name a .npz file"),
     ({"b": "b.npz"}, r"prepare.npz_files.b: expected a mapping"),

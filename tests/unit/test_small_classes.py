@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from metatransfer import preflight
-from metatransfer.algorithms import REGISTRY, build_algorithm
+from metatransfer.algorithms import CATALOG, build_algorithm
 from metatransfer.config import params_from_mapping
 from metatransfer.data.store import SplitData, load_split
 from metatransfer.episodes import (
@@ -265,7 +265,7 @@ def test_preflight_checks_each_source_with_its_own_shape(raw: dict, prepared: Pa
         preflight.check(params_with_sources(raw, first), root)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(CATALOG))
 def test_every_algorithm_learns_from_a_meta_batch_mixing_shapes(name: str, prepared: Path) -> None:
     torch.manual_seed(0)
     splits = [load_split(prepared, "omni", "meta_train"), load_split(prepared, "faces", "meta_train")]
