@@ -1,11 +1,11 @@
-"""Progress of long loops (meta-training, fine-tuning, evaluation) with ETA and a
-running metric.
+"""Progress of long loops (meta-training, fine-tuning, evaluation): a tqdm meter with ETA and the
+running metrics.
 
-At a terminal it draws a bar (tqdm when installed, else a one-line bar of
-its own); in CI (`CI=true`), under DVC/Prefect with output captured, or in any
-process whose stdout is not a terminal it stays quiet and logs one line every
-`log_every_pct` percent instead, so log files get a handful of readable lines
-rather than thousands of carriage returns.
+At a terminal it is tqdm's live bar. When stdout or stderr is not a terminal
+(`dvc repro` or Prefect capturing the output, a log file) or `CI=true`, the
+same meter goes to the logger `metatransfer.progress` instead: one record
+every `log_every_pct` percent of the total and a closing one ("... done in
+01:40"), never a carriage return per refresh.
 
     with progress(total=steps, desc="meta_train protonet", unit="step") as bar:
         for step in range(steps):
@@ -22,45 +22,17 @@ import logging
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
+from tqdm import tqdm
+
 MODES = ("bar", "log", "off")
 ENV_MODE = "METATRANSFER_PROGRESS"
+# The meter of a log record: counts, percentage, elapsed, ETA, rate, then the metrics.
+LOG_FORMAT = ("{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, ETA {remaining}, "
+              "{rate_fmt}{postfix}")
 _log = logging.getLogger(__name__)
-
-
-def format_duration(seconds: float) -> str:
-    """`M:SS` below an hour, `H:MM:SS` above; `?` for an unknown (NaN/inf/negative) duration.
-
-    Args:
-        seconds: a duration in seconds.
-
-    Returns:
-        The formatted duration, e.g. 75 -> "1:15", 3725 -> "1:02:05".
-    """
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    h, rest = divmod(s, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """`k=v` pairs separated by spaces; floats with 4 significant digits.
-
-    Args:
-        metrics: name -> value (numbers or anything printable).
-
-    Returns:
-        e.g. {"loss": 0.51234, "acc": 0.8} -> "loss=0.5123 acc=0.8".
-    """
-    parts = []
-    for k, v in metrics.items():
-        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    return " ".join(parts)
 
 
 def _truthy(value: str | None) -> bool:
@@ -95,129 +67,94 @@ def choose_mode(stream: TextIO | None = None, environ: dict[str, str] | None = N
     return "bar" if _isatty(sys.stdout) and _isatty(stream) else "log"
 
 
-class Progress:
-    """The handle `progress()` yields: counts, timing, ETA and the last metrics.
+class _LogLines:
+    """The file tqdm writes to in log mode: each meter it prints becomes one log record."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def write(self, text: str) -> int:
+        line = " ".join(text.split())  # tqdm starts a meter with "\r" and pads it with spaces
+        if line:
+            self.logger.info("%s", line)
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+
+class Progress(tqdm):
+    """A tqdm meter that also shows the latest metrics and, in log mode, logs instead of drawing.
 
     Args:
-        total: number of units expected (None when unknown: no percentage/ETA).
+        total: number of units expected.
         desc: what is running, e.g. "finetune retinamnist/protonet".
         unit: the unit's name in messages ("step", "episode", ...).
         mode: "bar", "log" or "off" (see `choose_mode`).
         stream: where the bar is drawn (default sys.stderr).
-        log_every_pct: in "log" mode, one line per this many percent.
-        log_every_s: in "log" mode with an unknown total, one line per this many seconds.
+        log_every_pct: in "log" mode, one record per this many percent of `total`.
         time_budget_s: the loop stops after this many seconds at the latest
-            (meta-training's time budget): the ETA never exceeds what is left of it.
-        logger: where "log" lines go (default this module's logger).
-        use_tqdm: draw the bar with tqdm when it is importable.
-        clock: a monotonic clock (tests pass a fake one).
+            (meta-training's time guard): what is left of it is shown as `budget_left`.
+        logger: where "log" records go (default this module's logger).
+        clock: seconds, for tests with a fake clock (default tqdm's, `time.time`).
     """
 
     def __init__(
         self,
-        total: int | None,
+        total: int,
         desc: str,
         unit: str = "it",
         mode: str = "log",
         stream: TextIO | None = None,
         log_every_pct: float = 10.0,
-        log_every_s: float = 30.0,
         time_budget_s: float | None = None,
         logger: logging.Logger | None = None,
-        use_tqdm: bool = True,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"progress mode must be one of {MODES}, got {mode!r}")
         if log_every_pct <= 0:
             raise ValueError(f"log_every_pct must be > 0, got {log_every_pct}")
-        self.total = total if total is None or total > 0 else None
-        self.desc = desc
-        self.unit = unit
         self.mode = mode
-        self.stream = sys.stderr if stream is None else stream
-        self.log_every_pct = log_every_pct
-        self.log_every_s = log_every_s
-        self.time_budget_s = time_budget_s
-        self.logger = logger or _log
-        self.n = 0
-        self.initial = 0  # units done before this run (a resumed loop); not counted in the rate
         self.metrics: dict[str, Any] = {}
-        self._clock = clock
-        self._start = clock()
-        self._last_logged_bucket = 0
-        self._last_log_time = self._start
-        self._last_draw = -math.inf
-        self._closed = False
-        self._tqdm = None
-        if mode == "bar" and use_tqdm:
-            try:
-                from tqdm import tqdm
-            except ImportError:  # not installed: our own bar below
-                tqdm = None
-            if tqdm is not None:
-                self._tqdm = tqdm(total=self.total, desc=desc, unit=unit, file=self.stream,
-                                  dynamic_ncols=True, leave=True)
-
-    # ------------------------------------------------------------------ figures
-    @property
-    def elapsed(self) -> float:
-        """Seconds since the start."""
-        return self._clock() - self._start
-
-    @property
-    def rate(self) -> float:
-        """Units per second so far in this run (0 before the first update)."""
-        el = self.elapsed
-        done = self.n - self.initial
-        return done / el if el > 0 and done > 0 else 0.0
-
-    @property
-    def eta(self) -> float:
-        """Estimated seconds left: remaining units / rate, capped by the time budget; NaN if unknown."""
-        est = math.nan
-        if self.total is not None and self.rate > 0:
-            est = max(self.total - self.n, 0) / self.rate
-        if self.time_budget_s is not None:
-            left = max(self.time_budget_s - self.elapsed, 0.0)
-            est = left if math.isnan(est) else min(est, left)
-        return est
-
-    def line(self) -> str:
-        """The one-line summary used in log mode and by the built-in bar."""
-        if self.total is not None:
-            pct = 100.0 * self.n / self.total
-            head = f"{self.desc}: {self.n}/{self.total} {self.unit} ({pct:.0f}%)"
+        self.time_budget_s = time_budget_s
+        self._logger = logger or _log
+        if mode == "log":
+            # A record per `log_every_pct` % of the total whatever the speed: no refresh by time
+            # (mininterval 0), none forced by tqdm's monitor thread (maxinterval inf), none at the
+            # start (delay), and the average rate of this run rather than a moving one (smoothing 0).
+            options: dict[str, Any] = dict(
+                file=_LogLines(self._logger), bar_format=LOG_FORMAT, leave=False, delay=1e-9,
+                miniters=max(1.0, total * log_every_pct / 100), mininterval=0.0, maxinterval=math.inf, smoothing=0.0)
         else:
-            head = f"{self.desc}: {self.n} {self.unit}"
-        tail = f"{format_duration(self.elapsed)} elapsed, ETA {format_duration(self.eta)}, {self.rate:.3g} {self.unit}/s"
-        metrics = format_metrics(self.metrics)
-        return f"{head}, {tail}" + (f", {metrics}" if metrics else "")
+            options = dict(file=stream or sys.stderr, dynamic_ncols=True, leave=True, disable=mode == "off")
+        super().__init__(total=total, desc=desc, unit=unit, **options)
+        if self.disable:
+            self.initial = 0  # tqdm keeps only n and total for a disabled bar; update_to reads this
+        if clock is not None:
+            self._time = clock
+            self.start_t = self.last_print_t = clock()
 
-    # ------------------------------------------------------------------ updates
-    def update(self, n: int = 1, **metrics: Any) -> None:
-        """Advance by `n` units and remember the latest metrics (shown with the bar/log line).
+    def update(self, n: float = 1, **metrics: Any) -> bool | None:
+        """Advance by `n` units and remember the latest metrics (shown after the meter).
 
         Args:
             n: units done since the last call.
             **metrics: running values to show, e.g. loss=0.41, acc=0.87.
+
+        Returns:
+            True when the meter was drawn or logged.
         """
-        self.n += n
-        if metrics:
-            self.metrics.update(metrics)
-        if self.mode == "off":
-            return
-        if self.mode == "log":
-            self._maybe_log()
-        elif self._tqdm is not None:
-            if metrics:
-                post = dict(self.metrics)
-                if self.time_budget_s is not None:
-                    post["budget_left"] = format_duration(max(self.time_budget_s - self.elapsed, 0.0))
-                self._tqdm.set_postfix_str(format_metrics(post), refresh=False)
-            self._tqdm.update(n)
-        else:
-            self._draw()
+        self.metrics.update(metrics)
+        if self.disable:  # "off" (or closed): keep counting, show nothing
+            self.n += n
+            return None
+        shown = dict(self.metrics)
+        if self.time_budget_s is not None:
+            shown["budget_left"] = self.format_interval(max(self.time_budget_s - (self._time() - self.start_t), 0.0))
+        if shown:
+            self.set_postfix(shown, refresh=False)
+        return super().update(n)
 
     def update_to(self, position: int, **metrics: Any) -> None:
         """Move to an absolute position, e.g. a training loop's 1-based step number.
@@ -230,55 +167,20 @@ class Progress:
             **metrics: running values to show.
         """
         if self.n == 0 and position > 1:
-            self.n = self.initial = position - 1
-            if self._tqdm is not None:
-                self._tqdm.n = self._tqdm.last_print_n = self._tqdm.initial = self.initial
+            self.n = self.last_print_n = self.initial = position - 1
         self.update(position - self.n, **metrics)
 
     def set_metrics(self, **metrics: Any) -> None:
         """Change the shown metrics without advancing (e.g. after a validation pass)."""
         self.update(0, **metrics)
 
-    def _maybe_log(self) -> None:
-        if self.total is not None:
-            bucket = int(100.0 * self.n / self.total // self.log_every_pct)
-            if bucket > self._last_logged_bucket:
-                self._last_logged_bucket = bucket
-                self.logger.info("%s", self.line())
-        else:
-            now = self._clock()
-            if now - self._last_log_time >= self.log_every_s:
-                self._last_log_time = now
-                self.logger.info("%s", self.line())
-
-    def _draw(self, final: bool = False) -> None:
-        now = self._clock()
-        # Redraw at most 10 times a second: a fast loop would otherwise spend its time printing.
-        if not final and now - self._last_draw < 0.1:
-            return
-        self._last_draw = now
-        bar = ""
-        if self.total is not None:
-            filled = int(20 * min(self.n / self.total, 1.0))
-            bar = "|" + "#" * filled + "-" * (20 - filled) + "| "
-        self.stream.write("\r" + bar + self.line() + "\x1b[K")
-        self.stream.flush()
-
     def close(self) -> None:
-        """Finish: final bar/log line with the total time. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.mode == "off":
-            return
-        if self.mode == "log":
-            self.logger.info("%s done in %s", self.line(), format_duration(self.elapsed))
-        elif self._tqdm is not None:
-            self._tqdm.close()
-        else:
-            self._draw(final=True)
-            self.stream.write("\n")
-            self.stream.flush()
+        """Finish: the final bar, or in log mode a closing record with the total time. Safe to call twice."""
+        # getattr: tqdm's __del__ also calls this on an object whose __init__ refused its arguments.
+        if getattr(self, "mode", None) == "log" and not getattr(self, "disable", True):
+            meter = " ".join(str(self).split())
+            self._logger.info("%s done in %s", meter, self.format_interval(self._time() - self.start_t))
+        super().close()
 
 
 def progress_sink(
@@ -316,7 +218,7 @@ def progress_sink(
 
 @contextlib.contextmanager
 def progress(
-    total: int | None,
+    total: int,
     desc: str,
     unit: str = "it",
     mode: str | None = None,
@@ -328,15 +230,15 @@ def progress(
     """A progress display for one loop, closed when the block ends (also on errors).
 
     Args:
-        total: units expected (None when unknown).
+        total: units expected.
         desc: what is running; starts every line.
         unit: the unit's name ("step", "episode").
         mode: "bar", "log" or "off"; None chooses with `choose_mode` (terminal -> bar,
             CI or captured output -> log).
         stream: where a bar is drawn (default sys.stderr).
-        log_every_pct: in log mode, one line per this many percent (default 10).
-        time_budget_s: an upper bound on the loop's run time (caps the ETA).
-        logger: where log-mode lines go.
+        log_every_pct: in log mode, one record per this many percent (default 10).
+        time_budget_s: an upper bound on the loop's run time (what is left is shown).
+        logger: where log-mode records go.
 
     Yields:
         The `Progress` handle: call `.update(n, **metrics)`.
