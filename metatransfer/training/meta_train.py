@@ -6,7 +6,8 @@ ends is marked `budget_hit="time"` and logged as a WARNING, never silently),
 the validation curve on fixed meta-val episodes every `val_every` steps with
 best-model selection, and numerical-fault recovery
 (a non-finite loss, gradient or updated weight skips the step and restores
-the last finite state; K consecutive faults stop the run with a clear error),
+the last finite state; K consecutive faults stop the run with a clear error:
+the check and the rollback state are in `metatransfer.training.faults`),
 and crash-safe checkpoints (see `metatransfer.training.checkpoint`): with a
 `CheckpointConfig`, the full training state is saved every N steps and a
 re-run resumes from the newest checkpoint, ending with the same weights as an
@@ -26,7 +27,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -49,15 +49,12 @@ from metatransfer.training.checkpoint import (
 )
 from metatransfer.training import distributed
 from metatransfer.training.distributed import DistContext
+from metatransfer.training.faults import LastGood, NumericalFaultError, all_finite
 
 log = logging.getLogger(__name__)
 
 MetricSink = Callable[[str, float, int], None]
 """Receives (metric name, value, step), e.g. an MLflow logger."""
-
-
-class NumericalFaultError(MetatransferError):
-    """Too many consecutive non-finite losses or gradients."""
 
 
 @dataclass(frozen=True)
@@ -151,88 +148,6 @@ class TrainResult:
     best_val_episode_accs: list[float] = field(default_factory=list)
 
 
-def all_finite(tensors: Sequence[torch.Tensor | None]) -> bool:
-    """True when no element of `tensors` (None entries skipped) is inf or NaN.
-
-    Two fused kernels and one host sync for the whole list, not a sync per
-    tensor. Exact by IEEE arithmetic alone: times 0, a finite element becomes
-    0 and an inf or NaN becomes NaN, so the 1-norm of each product is 0 or
-    NaN (a norm of the values themselves could overflow on finite ones).
-    """
-    present = [t.detach() for t in tensors if t is not None and t.numel() > 0]
-    if not present:
-        return True
-    return bool(torch.stack(torch._foreach_norm(torch._foreach_mul(present, 0.0), 1)).isfinite().all())
-
-
-class _LastGood:
-    """The learner's and optimizer's state after the last finite step, for the rollback after a fault.
-
-    `save()` runs after every completed step; it refreshes tensors allocated
-    once with one fused in-place copy (`torch._foreach_copy_`) instead of a
-    deepcopy of both state_dicts (a new tensor and Python work per tensor per
-    step). A copy cannot be avoided altogether: a step with finite gradients can
-    still overflow a weight, and by the time that is seen the optimizer step has
-    changed the weights and the optimizer's moments in place. The storage is
-    reallocated only when the layout changes (Adam creates its moments in the
-    first step). `restore()` (rare) goes through `load_state_dict` with fresh
-    clones, so the optimizer never aliases the saved tensors.
-    """
-
-    def __init__(self, learner: MetaLearner, optimizer: torch.optim.Optimizer) -> None:
-        self._learner, self._optimizer = learner, optimizer
-        self._layout: tuple[tuple[Any, ...], ...] = ()
-        self._saved: list[torch.Tensor] = []
-        self._by_device: dict[torch.device, list[int]] = {}
-        self._other: dict[tuple[str, Any], Any] = {}
-        self._groups: list[dict[str, Any]] = []
-        self.save()
-
-    def _live(self) -> tuple[list[torch.Tensor], tuple[tuple[Any, ...], ...], dict[tuple[str, Any], Any], list[dict[str, Any]]]:
-        """The live tensors (model state, then optimizer state), their layout, the non-tensor leaves, the param groups."""
-        tensors: list[torch.Tensor] = []
-        layout: list[tuple[Any, ...]] = []
-        other: dict[tuple[str, Any], Any] = {}
-        opt = self._optimizer.state_dict()
-        leaves = [(("model", k), v) for k, v in self._learner.state_dict().items()]
-        leaves += [(("optimizer", (pid, name)), v) for pid, entry in opt["state"].items() for name, v in entry.items()]
-        for where, value in leaves:
-            if isinstance(value, torch.Tensor):
-                tensors.append(value)
-                layout.append((where, value.shape, value.dtype, value.device))
-            else:
-                other[where] = copy.deepcopy(value)
-        # state_dict() packs each group into a new dict: keeping it is a snapshot (lr is replaced, never mutated).
-        return tensors, tuple(layout), other, opt["param_groups"]
-
-    def save(self) -> None:
-        """Record the current state (after a finite step)."""
-        tensors, layout, self._other, self._groups = self._live()
-        if layout != self._layout:
-            self._layout = layout
-            self._saved = [t.detach().clone() for t in tensors]
-            self._by_device = {}
-            for i, t in enumerate(tensors):
-                self._by_device.setdefault(t.device, []).append(i)
-            return
-        with torch.no_grad():
-            for idx in self._by_device.values():  # one fused copy per device (Adam's step counters live on the CPU)
-                torch._foreach_copy_([self._saved[i] for i in idx], [tensors[i] for i in idx])
-
-    def restore(self) -> None:
-        """Put the learner and the optimizer back to the last `save()`."""
-        model: dict[str, Any] = {}
-        state: dict[Any, dict[str, Any]] = {}
-        leaves = [(entry[0], t.clone()) for entry, t in zip(self._layout, self._saved)] + list(self._other.items())
-        for (kind, key), value in leaves:
-            if kind == "model":
-                model[key] = value
-            else:
-                state.setdefault(key[0], {})[key[1]] = value if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-        self._learner.load_state_dict(model)
-        self._optimizer.load_state_dict({"state": state, "param_groups": copy.deepcopy(self._groups)})
-
-
 def make_optimizer(learner: MetaLearner, lr: float) -> torch.optim.Optimizer:
     """The outer optimizer: the algorithm's own `outer_optimizer(lr)` if it has one, else Adam."""
     own = getattr(learner, "outer_optimizer", None)
@@ -320,7 +235,7 @@ def meta_train(
         log.info("%s: resumed from checkpoint %s (step %d%s)", learner.name, resumed.path, step, ", finished" if finished else "")
     start = clock() - elapsed
     last_val = clock()
-    last_good = _LastGood(learner, optimizer)
+    last_good = LastGood(learner, optimizer)
     consecutive = 0
 
     def train_seconds() -> float:
@@ -404,7 +319,7 @@ def meta_train(
             log.warning("step %d: non-finite loss, gradient or weight (loss %s); step skipped, last finite state restored",
                         step + 1, out.loss)
             if consecutive >= settings.max_consecutive_faults:
-                # Keys read off the algorithm's hparams dataclass: the hint never names one that does not exist.
+                # Keys read off the algorithm's Hparams model: the hint never names one that does not exist.
                 rates = learning_rate_keys(learner.name, getattr(learner, "hparams_class", Hparams))
                 raise NumericalFaultError(
                     f"{learner.name}: {consecutive} consecutive steps with a non-finite loss, gradient or "
