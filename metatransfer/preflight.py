@@ -9,7 +9,10 @@ episode shape of every source are checked from the manifests alone (no images
 are read), after the `min_images_per_class` exclusions, and all problems are
 reported at once, each naming its params key and the values that would work.
 A `finetune.min_images_per_class` that a target's class falls under is
-refused here too.
+refused here too, and so is every use that needs labels (an episode set, a
+meta-training or pre-training source, a fine-tuned target) of a dataset
+prepared without any (an image folder without class sub-folders): such a
+dataset can only be a `finetune.unlabeled` target.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from metatransfer.config import Params
-from metatransfer.data.store import SPLIT_ORDER, load_manifest
+from metatransfer.data.store import MANIFEST_FILE, SPLIT_ORDER, has_labels, load_manifest
 from metatransfer.errors import ConfigError
 from metatransfer.episodes import N_ROTATIONS
 
@@ -191,6 +194,60 @@ def check_episode_shapes(params: Params, prepared_dir: str | Path) -> None:
         )
 
 
+def label_uses(params: Params, targets: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
+    """Every params key that needs a dataset's labels: (key, dataset, what it uses them for).
+
+    Args:
+        params: validated params.
+        targets: only these fine-tuned targets (and no other use); default: every use, with every
+            target of finetune.targets that is not a finetune.unlabeled entry.
+    """
+    uses: list[tuple[str, str, str]] = []
+    f = params.finetune
+    if targets is None:
+        if params.episodes is not None:
+            uses += [(f"episodes.sets.{name}.dataset", s.dataset, "its episodes need labelled supports and queries")
+                     for name, s in params.episodes.sets.items()]
+        if params.meta_train is not None:
+            uses += [(f"meta_train.sources[{i}].dataset", s.dataset, "meta-training episodes need labels")
+                     for i, s in enumerate(params.meta_train.sources)]
+        if params.pretrain is not None:
+            uses += [(f"pretrain.datasets[{i}]", d, "pre-training is supervised")
+                     for i, d in enumerate(params.pretrain.datasets)]
+        targets = [t for t in f.targets if t not in f.unlabeled] if f is not None else []
+    uses += [("finetune.targets", t, f"fine-tuning needs labelled images; to cluster it without labels add "
+              f"finetune.unlabeled.{t} (e.g. {{k: 2}}; docs/guide.md, \"Targets without labels\")")
+             for t in targets]
+    return uses
+
+
+def check_labels(params: Params, prepared_dir: str | Path, targets: Iterable[str] | None = None) -> None:
+    """Refuse every use that needs labels (`label_uses`) of a dataset prepared without labels.
+
+    Datasets not prepared are left to the checks that read their data (they name them).
+
+    Args:
+        params: validated params.
+        prepared_dir: the prepared store.
+        targets: see `label_uses`.
+
+    Raises:
+        ConfigError: one line per use, naming the key, the dataset, its folder and what to do.
+    """
+    problems = []
+    for key, dataset, why in label_uses(params, targets):
+        if not (Path(prepared_dir) / dataset / MANIFEST_FILE).is_file() or has_labels(prepared_dir, dataset):
+            continue
+        folder = params.prepare.image_folders.get(dataset)
+        where = (f"its folder {folder.path} (prepare.image_folders.{dataset}.path) has no class sub-folders"
+                 if folder is not None else f"its prepared store {Path(prepared_dir) / dataset} has no labels")
+        problems.append(f"{key}: {dataset!r} has no labels ({where}); {why}")
+    if problems:
+        raise ConfigError("a dataset without labels is used where labels are needed:\n  - " + "\n  - ".join(problems)
+                          + "\nA dataset without labels can only be clustered (finetune.unlabeled.<name>); or sort "
+                          "its images into class folders and re-run prepare.")
+
+
 def check_finetune_classes(params: Params, prepared_dir: str | Path, targets: Iterable[str] | None = None) -> None:
     """Refuse fine-tuning targets with a class under `finetune.min_images_per_class` labelled images.
 
@@ -201,21 +258,26 @@ def check_finetune_classes(params: Params, prepared_dir: str | Path, targets: It
     minimum is therefore a guard, checked from the manifests of the targets'
     train splits (what fine-tuning draws its labelled images from).
 
+    A target without any label (`check_labels`) is refused first, whatever the minimum.
+
     Args:
         params: validated params (nothing is checked without a finetune
-            section or with a minimum of 0).
+            section; no class count with a minimum of 0).
         prepared_dir: the prepared store.
-        targets: the targets to check (default: finetune.targets).
+        targets: the targets to check (default: finetune.targets but the finetune.unlabeled ones).
 
     Raises:
         ConfigError: naming the key and, per target, every class under the
-            minimum with its images, and what to do.
+            minimum with its images, and what to do; or a target without labels.
         DataError: a target is not prepared.
     """
     f = params.finetune
-    if f is None or f.min_images_per_class <= 0:
+    if f is None:
         return
-    names = list(f.targets if targets is None else targets)
+    names = [t for t in f.targets if t not in f.unlabeled] if targets is None else list(targets)
+    check_labels(params, prepared_dir, names)
+    if f.min_images_per_class <= 0:
+        return
     shapes = split_shapes(prepared_dir, names)
     problems = []
     for target in names:
@@ -237,15 +299,16 @@ def check_finetune_classes(params: Params, prepared_dir: str | Path, targets: It
 
 
 def check(params: Params, root: str | Path) -> None:
-    """Everything to verify before a long stage starts: episode shapes and fine-tuning minimums vs data.
+    """Everything to verify before a long stage starts: labels, episode shapes and fine-tuning minimums vs data.
 
     Args:
         params: validated params.
         root: the project root (the prepared store is `params.data.prepared_dir` under it).
 
     Raises:
-        ConfigError, DataError: see `check_episode_shapes` and `check_finetune_classes`.
+        ConfigError, DataError: see `check_labels`, `check_episode_shapes` and `check_finetune_classes`.
     """
+    check_labels(params, Path(root) / params.data.prepared_dir)
     check_episode_shapes(params, Path(root) / params.data.prepared_dir)
     check_finetune_classes(params, Path(root) / params.data.prepared_dir)
 

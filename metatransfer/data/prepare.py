@@ -7,6 +7,12 @@ averaging when shrinking, antialiased bilinear when enlarging; images already
 at the target size are left untouched) -> hash pixels -> assign splits ->
 resolve duplicates -> validate (schemas.py) -> write.
 
+An image folder without class sub-folders (layout "flat") is an unlabelled
+target: every image goes to `train` with label -1 and the no-class name
+(store.py), report.json says ``"labels": "none"`` and 0 classes for it; only
+`finetune.unlabeled.<name>` can use it (metatransfer/preflight.py refuses
+the rest). It must have role target.
+
 The parts live beside this module: conversion, hashing and the staged
 memmap in convert.py, the splits of each kind in splits.py, exact duplicates
 in duplicates.py, and the temporary folders of a run in workdirs.py.
@@ -19,7 +25,6 @@ folders of a killed run are removed when the next run starts
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -38,7 +43,7 @@ from metatransfer.data.fetch import raw_files
 from metatransfer.data.schemas import COLUMNS, META_SPLITS, TARGET_SPLITS, validate_manifest
 from metatransfer.data.sources import get_source
 from metatransfer.data.splits import SPLIT_RANK, assign_splits
-from metatransfer.data.store import IMAGES_FILE, MANIFEST_FILE, QUARANTINE_FILE, REPORT_FILE
+from metatransfer.data.store import IMAGES_FILE, MANIFEST_FILE, QUARANTINE_FILE, REPORT_FILE, UNLABELED
 from metatransfer.data.workdirs import clean_stale_work_dirs, swapped_in, work_tag
 from metatransfer.descriptions import write_description
 from metatransfer.errors import ChecksumError, DataError
@@ -46,6 +51,7 @@ from metatransfer.errors import ChecksumError, DataError
 log = logging.getLogger(__name__)
 
 _FOLDER_KINDS = ("image_folder", "split_folder")
+FLAT = "flat"  # the layout of an image folder without class sub-folders: no labels
 
 
 @dataclass
@@ -141,7 +147,13 @@ def import_dataset(name: str, params: PrepareParams, raw_dir: Path, base_dir: Pa
     if name in params.image_folders:
         folder = params.image_folders[name]
         path = Path(folder.path)
-        return imp.import_image_folder(path if path.is_absolute() else base_dir / path, name, folder.layout)
+        data = imp.import_image_folder(path if path.is_absolute() else base_dir / path, name, folder.layout)
+        if data.layout == FLAT and folder.role != "target":
+            raise DataError(f"prepare.image_folders.{name}.role: {folder.role!r}, but the folder {folder.path} has no "
+                            "class sub-folders, so its images have no labels and cannot be a meta-training source; "
+                            f"set role: target and use it as finetune.unlabeled.{name} (docs/guide.md, \"Targets "
+                            "without labels\"), or sort its images into class folders.")
+        return data
     if name in params.npz_files:
         entry = params.npz_files[name]
         path, digest = verify_npz_file(name, entry, base_dir)
@@ -205,7 +217,10 @@ def build_dataset(data: imp.Imported, params: PrepareParams, seed: int, dest: Pa
     if data.kind in _FOLDER_KINDS or data.kind == "csv_split":
         keep, rows = drop_within_class_copies(df)
         df, quarantine = df[keep].reset_index(drop=True), quarantine + rows
-    split, role = assign_splits(data.dataset, data.kind, df, data.class_order, params, seed)
+    if data.layout == FLAT:  # no labels: nothing to split by class; all of it is what clustering reads
+        split, role = np.full(len(df), "train", dtype=object), "target"
+    else:
+        split, role = assign_splits(data.dataset, data.kind, df, data.class_order, params, seed)
     df["split"] = split
     if data.kind in _FOLDER_KINDS:
         fail_cross_class_copies(df, data.dataset)
@@ -218,6 +233,8 @@ def build_dataset(data: imp.Imported, params: PrepareParams, seed: int, dest: Pa
     df = df.iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
     classes = sorted(df["class"].unique())
     df["label"] = df["class"].map({c: i for i, c in enumerate(classes)}).astype("int64")
+    if data.layout == FLAT:
+        df["label"] = np.int64(UNLABELED)
     df["id"] = np.arange(len(df), dtype=np.int64)
     order = df["_pos"].to_numpy()
     df = df[list(COLUMNS)]
@@ -269,24 +286,28 @@ def prepare(params: PrepareParams, datasets: tuple[str, ...], raw_dir: Path, out
         for name in datasets:
             t = time.perf_counter()
             data = import_dataset(name, params, Path(raw_dir), base_dir)
-            kind, version = data.kind, data.version
+            kind, version, labelled = data.kind, data.version, data.layout != FLAT
             df, q, role, empty = build_dataset(data, params, seed, tmp / name)
             del data  # free the raw batches before the next dataset
             quarantine += q
             splits = {s: {"images": int((df["split"] == s).sum()),
-                          "classes": int(df.loc[df["split"] == s, "class"].nunique())}
+                          "classes": int(df.loc[df["split"] == s, "class"].nunique()) if labelled else 0}
                       for s in (META_SPLITS if role == "source" else TARGET_SPLITS)}
             report.datasets[name] = {
-                "kind": kind, "role": role, "n_images": len(df), "n_classes": int(df["class"].nunique()),
+                "kind": kind, "role": role, "n_images": len(df),
+                "n_classes": int(df["class"].nunique()) if labelled else 0,
                 "splits": splits, "quarantined": len(q), "empty_classes": sorted(empty)}
+            if not labelled:  # only then: a labelled dataset's report.json is unchanged
+                report.datasets[name]["labels"] = "none"
             if version:  # the user-pinned data version (prepare.npz_files: "sha256:<hex>")
                 report.datasets[name]["data_version"] = version
             if name in params.per_dataset:  # its own shape (heterogeneous target); others: report.json as before
                 report.datasets[name]["channels"], report.datasets[name]["image_size"] = params.shape_of(name)
             if name in params.descriptions:  # only then: undescribed stores stay byte-identical
-                write_description(tmp / name, dataclasses.asdict(params.descriptions[name]))
-            log.info("%s: %d images, %d classes, %s, %d quarantined (%.1f s)", name, len(df), df["class"].nunique(),
-                     {s: v["images"] for s, v in splits.items()}, len(q), time.perf_counter() - t)
+                write_description(tmp / name, params.descriptions[name].model_dump())
+            log.info("%s: %d images, %d classes, %s, %d quarantined (%.1f s)", name, len(df),
+                     report.datasets[name]["n_classes"], {s: v["images"] for s, v in splits.items()}, len(q),
+                     time.perf_counter() - t)
         report.quarantined = len(quarantine)
         q = pd.DataFrame([(r.dataset, r.source_path, r.reason) for r in quarantine],
                          columns=["dataset", "source_path", "reason"]).sort_values(["dataset", "source_path"])

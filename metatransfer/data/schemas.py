@@ -7,7 +7,8 @@ id             int64, the row in images.npy; contiguous 0..N-1
 dataset        the dataset name (one value per manifest)
 domain         visual domain (the dataset, or the ImageFolder domain folder)
 class          global class name, ``<dataset>/...``
-label          int64 index of `class` in the dataset's sorted class names
+label          int64 index of `class` in the dataset's sorted class names; -1
+               (`store.UNLABELED`) on every row of an unlabelled dataset
 split          meta_train/meta_val/meta_test (source) or train/val/test (target)
 source_path    raw file (or ``npz:key[index]``) the image came from; unique
 pixel_hash     blake2b-128 hex of the prepared uint8 pixels
@@ -19,7 +20,10 @@ orig_channels  colour channels before conversion (1 or 3)
 Rules enforced (each a named check; validation is lazy so every failure is
 reported at once): meta splits are class-disjoint; no pixel_hash lies in two
 splits of a dataset; labels are in range and agree with the sorted class
-names; ids are contiguous; a manifest uses either meta splits or target splits.
+names; ids are contiguous; a manifest uses either meta splits or target splits;
+an unlabelled manifest (an image folder without class sub-folders) has label
+-1, the class ``<dataset>/`` and the split train on every row, and no other
+manifest has either.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
+from metatransfer.data.labels import UNLABELED, unlabeled_class
 from metatransfer.errors import DataError
 
 META_SPLITS = ("meta_train", "meta_val", "meta_test")
@@ -63,14 +68,32 @@ def _hash_in_one_split(df: pd.DataFrame) -> pd.Series:
     return df.groupby("pixel_hash")["split"].transform("nunique") <= 1
 
 
+def _labelled(df: pd.DataFrame) -> pd.Series:
+    """Rows with a label (the label checks below judge these; `_unlabeled_consistent` the others)."""
+    return df["label"] != UNLABELED
+
+
 def _labels_match_classes(df: pd.DataFrame) -> pd.Series:
-    index = {c: i for i, c in enumerate(sorted(df["class"].unique()))}
-    return df["label"] == df["class"].map(index)
+    known = _labelled(df)
+    index = {c: i for i, c in enumerate(sorted(df.loc[known, "class"].unique()))}
+    return ~known | (df["label"] == df["class"].map(index))
 
 
 def _labels_in_range(df: pd.DataFrame) -> pd.Series:
-    n = df["class"].nunique()
-    return (df["label"] >= 0) & (df["label"] < n)
+    known = _labelled(df)
+    n = df.loc[known, "class"].nunique()
+    return ~known | ((df["label"] >= 0) & (df["label"] < n))
+
+
+def _unlabeled_consistent(df: pd.DataFrame) -> pd.Series:
+    """Label -1 exactly on the no-class rows, those in split train, and a manifest all labelled or all not."""
+    unlabeled = ~_labelled(df)
+    no_class = pd.Series([c == unlabeled_class(d) for c, d in zip(df["class"], df["dataset"])], index=df.index,
+                         dtype=bool)
+    ok = (unlabeled == no_class) & (~unlabeled | (df["split"] == "train"))
+    if unlabeled.any() and not unlabeled.all():  # the minority family is what is wrong
+        ok &= unlabeled if bool(unlabeled.mean() >= 0.5) else ~unlabeled
+    return ok
 
 
 def _one_split_family(df: pd.DataFrame) -> pd.Series:
@@ -93,7 +116,7 @@ MANIFEST_SCHEMA = pa.DataFrameSchema(
         "dataset": _str(),
         "domain": _str(),
         "class": _str(),
-        "label": pa.Column("int64", pa.Check.ge(0), nullable=False),
+        "label": pa.Column("int64", pa.Check.ge(UNLABELED), nullable=False),
         "split": pa.Column(str, pa.Check.isin(META_SPLITS + TARGET_SPLITS), nullable=False),
         "source_path": pa.Column(str, pa.Check.str_length(min_value=1), nullable=False, unique=True),
         "pixel_hash": pa.Column(str, pa.Check.str_matches(r"^[0-9a-f]{32}$"), nullable=False),
@@ -112,6 +135,9 @@ MANIFEST_SCHEMA = pa.DataFrameSchema(
         pa.Check(_labels_in_range, name="labels_in_range", error="labels_in_range: label must lie in [0, number of classes)"),
         pa.Check(_labels_match_classes, name="labels_match_sorted_classes",
                  error="labels_match_sorted_classes: label must be the index of class in the sorted class names"),
+        pa.Check(_unlabeled_consistent, name="unlabeled_rows_consistent",
+                 error="unlabeled_rows_consistent: label -1 (no label) goes with class '<dataset>/' and split train, "
+                       "on every row of the manifest or on none"),
         pa.Check(_one_split_family, name="one_split_family",
                  error="one_split_family: a manifest uses either meta_* splits (source) or train/val/test (target), not both"),
     ],

@@ -16,6 +16,11 @@ source_path, pixel_hash, orig_height, orig_width, orig_channels. Source
 datasets use the class-disjoint splits meta_train/meta_val/meta_test; target
 datasets use train/val/test. Pixels: uint8, Omniglot ink bright (255) on a
 black background; grey from RGB by ITU-R 601 luma.
+
+An unlabelled dataset (an image folder without class sub-folders) has every
+row in `train` with label `UNLABELED` (-1) and the no-class name
+``<dataset>/`` (`unlabeled_class`); `load_split` gives it labels -1 and no
+class names, and `has_labels` tells it apart from the manifest alone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from metatransfer.data.labels import UNLABELED, unlabeled_class  # noqa: F401 (the store's marks, re-exported)
 from metatransfer.errors import DataError
 
 IMAGES_FILE = "images.npy"
@@ -43,8 +49,9 @@ class SplitData:
         dataset: dataset name (e.g. "omniglot").
         split: split name ("meta_train", "meta_val", "meta_test", "train", "val", "test").
         images: uint8 (N, C, H, W); a read-only np.memmap slice when loaded by `load_split`.
-        labels: int64 (N,) class index 0..len(class_names)-1 within this split.
-        class_names: global class names (e.g. "omniglot/Greek/character01").
+        labels: int64 (N,) class index 0..len(class_names)-1 within this split (all `UNLABELED`
+            for an unlabelled dataset).
+        class_names: global class names (e.g. "omniglot/Greek/character01"); () when unlabelled.
     """
 
     dataset: str
@@ -101,6 +108,16 @@ def load_manifest(prepared_dir: str | Path, dataset: str, validate: bool = True)
     return df
 
 
+def has_labels(prepared_dir: str | Path, dataset: str) -> bool:
+    """False for an unlabelled dataset (every manifest row labelled `UNLABELED`), True otherwise.
+
+    Raises:
+        DataError: the dataset is not prepared (the message lists those that are).
+    """
+    df = load_manifest(prepared_dir, dataset, validate=False)
+    return not ("label" in df and len(df) and bool((df["label"] == UNLABELED).all()))
+
+
 def load_split(prepared_dir: str | Path, dataset: str, split: str) -> SplitData:
     """Open one split of one dataset.
 
@@ -136,9 +153,13 @@ def load_split(prepared_dir: str | Path, dataset: str, split: str) -> SplitData:
         raise DataError(f"{path}: holds {images.shape[0]} images but its manifest has {len(df)} rows; "
                         "the prepared folder is damaged: run the prepare stage again.")
     idx = rows["id"].to_numpy()
-    class_names = tuple(sorted(rows["class"].unique()))
-    lookup = {c: i for i, c in enumerate(class_names)}
-    labels = rows["class"].map(lookup).to_numpy(dtype=np.int64)
+    if "label" in rows and bool((rows["label"] == UNLABELED).all()):  # no labels: none are made up
+        class_names: tuple[str, ...] = ()
+        labels = np.full(len(rows), UNLABELED, dtype=np.int64)
+    else:
+        class_names = tuple(sorted(rows["class"].unique()))
+        lookup = {c: i for i, c in enumerate(class_names)}
+        labels = rows["class"].map(lookup).to_numpy(dtype=np.int64)
     lo = int(idx[0])
     if np.array_equal(idx, np.arange(lo, lo + len(idx))):
         view = images[lo:lo + len(idx)]  # a read-only memmap slice: no pixel is read until indexed

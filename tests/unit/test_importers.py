@@ -155,7 +155,7 @@ def test_image_folder_quarantines_bad_files_and_reports_empty_classes(tmp_path: 
     (root / "bird").mkdir()
     (root / "fish").mkdir()
     (root / "fish/readme.md").write_text("x")
-    (root / "top.png").write_bytes(good)
+    (root / "top.txt").write_bytes(good)  # a loose *image* beside class folders is an error (test_unsupervised_folders)
     data = imp.materialise(imp.import_image_folder(root, "mine"))
     assert sorted(data.meta["class"].unique()) == ["mine/cat", "mine/dog"]
     assert len(data.meta) == 4
@@ -164,7 +164,7 @@ def test_image_folder_quarantines_bad_files_and_reports_empty_classes(tmp_path: 
     assert reasons["readme.md"].startswith("not an image")
     assert reasons["trunc.png"].startswith(("truncated image", "corrupt image"))
     assert reasons["corrupt.png"].startswith("corrupt image: starts like a PNG")
-    assert "outside any class folder" in reasons["top.png"]
+    assert "outside any class folder" in reasons["top.txt"]
     assert data.empty_classes == ["mine/bird", "mine/fish"]
     m = data.meta.set_index(data.meta["source_path"].map(lambda s: Path(s).name))
     assert m.loc["b.jpg", ["orig_height", "orig_width", "orig_channels"]].tolist() == [64, 64, 3]

@@ -1,5 +1,8 @@
 """Image-folder trees: the link policy of the listing, the layouts, and the Ravi & Larochelle csv layout.
 
+A user's folder with no class sub-folders (every image at the top, layout "flat") has no labels: its rows
+carry the dataset's no-class name (`store.unlabeled_class`) and prepare stores it as an unlabelled target.
+
 Nothing is decoded here: the importers return `ImageFiles` (see decode.py and prepare's chunked decoding).
 """
 
@@ -12,14 +15,23 @@ from pathlib import Path
 import numpy as np
 
 from metatransfer.data.importers.types import ImageFiles, Imported, QuarantineRow, meta_frame, new_rows
+from metatransfer.data.labels import unlabeled_class
 from metatransfer.errors import DataError
 
 
 SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                       "test": "test", "testing": "test"}
-LAYOUTS = ("auto", "class", "split/class", "domain/class")
+LAYOUTS = ("auto", "class", "split/class", "domain/class", "flat")
 MANIFEST_NAME = "SHA256SUMS"
 CSV_SPLITS = ("train", "val", "test")
+LOOSE_LISTED = 10  # loose images named in the error of a tree that mixes them with class folders
+
+
+def _image_suffixes() -> frozenset[str]:
+    """File name endings PIL reads as images (".png", ".jpg", ...): what counts as a loose *image*."""
+    from PIL import Image
+
+    return frozenset(s.lower() for s in Image.registered_extensions())
 
 
 def _is_real_dir(path: Path) -> bool:
@@ -76,11 +88,13 @@ def list_tree(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
 
 
 def detect_layout(root: Path) -> str:
-    """The layout of an image-folder tree: "split/class", "domain/class" or "class".
+    """The layout of an image-folder tree: "split/class", "domain/class", "class" or "flat".
 
     "split/class" when every top-level folder is a split name (train|training,
-    val|valid|validation, test|testing, any case); otherwise "domain/class"
-    when files lie three levels deep, else "class".
+    val|valid|validation, test|testing, any case); otherwise "flat" when every
+    file lies at the top (no class sub-folders: an unlabelled dataset; empty
+    sub-folders do not count), "domain/class" when files lie three levels deep,
+    else "class".
 
     Args:
         root: the tree's root folder.
@@ -91,8 +105,35 @@ def detect_layout(root: Path) -> str:
     tops = [p.name.lower() for p in root.iterdir() if _is_real_dir(p)]
     if tops and all(t in SPLIT_FOLDER_NAMES for t in tops):
         return "split/class"
-    deep = any(len(p.relative_to(root).parts) == 3 for p in list_tree(root)[0])
-    return "domain/class" if deep else "class"
+    depths = {len(p.relative_to(root).parts) for p in list_tree(root)[0] if p.name != MANIFEST_NAME}
+    if depths == {1}:
+        return "flat"
+    return "domain/class" if 3 in depths else "class"
+
+
+def _refuse_loose_images(root: Path, dataset: str, files: list[Path], layout: str) -> None:
+    """Refuse images lying at the top of a tree that has class folders (labelled and unlabelled images mixed).
+
+    Quarantining them would drop images without a word where they are most likely meant to count;
+    other loose files (README.txt, .DS_Store) are quarantined as before.
+
+    Raises:
+        DataError: naming the folder, the loose images (up to LOOSE_LISTED) and what to do.
+    """
+    if all(len(p.relative_to(root).parts) == 1 for p in files):
+        return  # no image in any class folder: nothing mixed (the missing class folders are named later)
+    suffixes = _image_suffixes()
+    loose = [p for p in files if len(p.relative_to(root).parts) == 1 and p.suffix.lower() in suffixes]
+    if not loose:
+        return
+    shown = ", ".join(p.name for p in loose[:LOOSE_LISTED]) + (
+        f" and {len(loose) - LOOSE_LISTED} more" if len(loose) > LOOSE_LISTED else "")
+    raise DataError(
+        f"{root}: {len(loose)} image(s) lie at the top of the folder beside its class folders (layout {layout}): "
+        f"{shown}. A folder is either labelled (every image in a class folder) or unlabelled (no class folder, "
+        f"every image at the top); move these images into their class folders, or move them to a folder of "
+        f"their own (an unlabelled dataset: prepare.image_folders entry + finetune.unlabeled.<name>), "
+        f"then re-run prepare (prepare.image_folders.{dataset}.path).")
 
 
 def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative_paths: bool = False,
@@ -107,19 +148,21 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
     Args:
         root: the tree's root folder.
         dataset: dataset name.
-        layout: "auto" (see `detect_layout`), "class", "domain/class" or "split/class".
+        layout: "auto" (see `detect_layout`), "class", "domain/class", "split/class" or "flat"
+            (no class sub-folders: every image at the top, unlabelled).
         relative_paths: record ``source_path`` relative to `root` (registered datasets: the
             manifest then does not depend on where the project lies) instead of absolute.
         kind: the Imported kind ("image_folder" for a user's tree, "split_folder" for registered ones).
 
     Returns:
-        Imported with one `ImageFiles` batch; origin "" (class, domain/class) or the split
+        Imported with one `ImageFiles` batch; origin "" (class, domain/class, flat) or the split
         ("train"/"val"/"test"); domain = dataset or the domain folder; class = ``<dataset>/<class>``
-        (``<dataset>/<domain>/<class>``).
+        (``<dataset>/<domain>/<class>``), or the no-class name ``<dataset>/`` of every row of a
+        flat folder (its layout "flat", class_order empty).
 
     Raises:
         DataError: the folder is missing, mixes layouts, has unknown or clashing split folders,
-            or holds no image file.
+            holds no image file, or (kind "image_folder") has images at the top beside class folders.
     """
     root = Path(root)
     if not root.is_dir():
@@ -140,7 +183,9 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
                     f"layout ({d3[0].relative_to(root)}); use one layout for the whole tree (or set "
                     f"prepare.image_folders.{dataset}.layout)."
                 )
-    layout_depth = 2 if layout == "class" else 3
+    if kind == "image_folder" and layout != "flat":
+        _refuse_loose_images(root, dataset, files, layout)
+    layout_depth = {"flat": 1, "class": 2}.get(layout, 3)
     splits: dict[str, str] = {}
     if layout == "split/class":
         for d in sorted(p for p in root.iterdir() if _is_real_dir(p)):
@@ -156,12 +201,16 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
             raise DataError(f"{root}: layout split/class needs a train (or training) or test (or testing) folder; "
                             f"found {sorted(splits)}.")
     # every folder at the class level is a class, even with no file in it
-    if layout == "class":
+    if layout == "flat":  # no class at all: sub-folders (empty, or refused below) are not classes
+        class_dirs = []
+    elif layout == "class":
         class_dirs = sorted(p for p in root.iterdir() if _is_real_dir(p))
     else:
         class_dirs = sorted(c for d in root.iterdir() if _is_real_dir(d) for c in d.iterdir() if _is_real_dir(c))
 
     def class_of(rel_parts: tuple[str, ...]) -> str:
+        if layout == "flat":
+            return unlabeled_class(dataset)
         if layout == "split/class":
             return f"{dataset}/{rel_parts[1]}"
         return f"{dataset}/{'/'.join(rel_parts[:layout_depth - 1])}"
@@ -189,8 +238,12 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
         rows["orig_width"].append(0)
         rows["orig_channels"].append(0)
     if not paths:
+        flat = bool(files) and all(depth[p] == 1 for p in files)
+        hint = "" if not flat or layout == "flat" else (
+            " Every file lies at the top: a folder without class sub-folders is read as an unlabelled "
+            "dataset with layout auto (docs/guide.md, \"Targets without labels\").")
         raise DataError(f"{root}: no usable image found ({len(quarantine)} file(s) quarantined); expected "
-                        f"{layout}/image.* files (layout {layout}).")
+                        f"{'image.*' if layout == 'flat' else layout + '/image.*'} files (layout {layout}).{hint}")
     order = tuple(sorted({class_of(c.relative_to(root).parts + ("x",)) for c in class_dirs}))
     meta = meta_frame(rows)
     if layout == "split/class":  # rows grouped by split (train, val, test) so each split is contiguous
