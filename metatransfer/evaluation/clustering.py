@@ -12,6 +12,9 @@ scikit-learn's, so the numbers agree with `sklearn.metrics`:
   unmatched clusters count as wrong.
 - Silhouette: mean over images of (b - a) / max(a, b) with Euclidean
   distances; an image alone in its cluster scores 0 (`silhouette_score`).
+
+A target prepared without labels has nothing to score against: its outputs
+carry `NO_LABELS_TO_SCORE` instead, and only the silhouette.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from metatransfer.errors import ConfigError
+
+# What the outputs of a target prepared without any label (an image folder without class sub-folders)
+# say in place of NMI / ARI / matched accuracy: there are no hidden labels to score its clusters against.
+NO_LABELS_TO_SCORE = "no labels available to score the clusters"
 
 
 def contingency(labels: np.ndarray, clusters: np.ndarray) -> np.ndarray:

@@ -9,6 +9,9 @@ meta-trained on another channel count or resolution:
   copies the grey value to the three channels, RGB -> grey takes the ITU-R 601
   luma 0.299 R + 0.587 G + 0.114 B, equal counts start as the identity. So
   before the first step the adapted model sees what today's conversion gives.
+  An unlabelled target (`finetune.unlabeled`, metatransfer/training/unsupervised.py)
+  has no label to fit it with: its cluster model keeps this fixed conversion,
+  and only its self-training steps (on confident pseudo-labels) train it.
 - **Size:** convolutions do not depend on the image size. ResNet-12 and
   ResNet-18 end in a global average, so any size >= 16 gives the same
   `out_dim`. Conv-4 flattens its last map, whose side depends on the input

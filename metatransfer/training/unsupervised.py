@@ -22,6 +22,16 @@ images only):
    pseudo-label), drawn by a seeded generator, augmented by finetune.augment
    (a confident image's own loss is near zero; its augmented views are not).
 
+Heterogeneous target (stored at its own channels or size, `prepare.per_dataset`):
+the model gets the input adapter of labelled fine-tuning
+(metatransfer/models/adapter.py), a 1x1 convolution that starts as the fixed
+grey/RGB conversion prepare applies (grey -> RGB copies the value, RGB -> grey
+takes the ITU-R 601 luma), and another size goes through the backbone's
+adaptive pooling. Without labels nothing can fit that convolution, so steps
+1-3 run through the fixed conversion (the embedding is exactly φ's on the
+converted images) and only self-training (step 4, all weights) trains it;
+with `self_training_steps: 0` the adapter stays the fixed conversion.
+
 Everything is seeded and runs in float64 NumPy (clustering) or deterministic
 torch (embedding, self-training): the same images and settings give the same
 bytes.
@@ -31,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -188,24 +199,58 @@ def choose_k(features: np.ndarray, settings: ClusterSettings, seed: int) -> tupl
 
 
 @torch.no_grad()
-def embed(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Backbone features of `images` in eval mode (mode restored), in chunks."""
+def embed(backbone: nn.Module, images: torch.Tensor,
+          forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Features of `images` in eval mode (mode restored), in chunks.
+
+    Args:
+        backbone: the module put in eval mode (a backbone, or a `TargetModel`).
+        images: float images (N, C, H, W).
+        forward: what maps a chunk to features (default: `backbone` itself; a target model's
+            `features`, which runs its input adapter first).
+    """
     was = backbone.training
     backbone.eval()
-    out = torch.cat([backbone(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)])
+    out = torch.cat([(forward or backbone)(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)])
     backbone.train(was)
     return out
 
 
+def adapter_note(model: TargetModel, steps: int) -> str:
+    """How a cluster model takes images of another shape than its backbone's ("" when it does not)."""
+    if model.input_shape is None:
+        return ""
+    spec = model.backbone_spec
+    name = {1: "grey", 3: "RGB"}
+    parts = []
+    if model.adapter is not None:
+        how = (f"trained by the {steps} self-training steps" if steps else
+               "kept fixed (no self-training step: without labels nothing else can train it)")
+        parts.append(f"{name[model.input_channels]} -> {name[spec.in_channels]} by a 1x1 input adapter that starts "
+                     f"as the fixed conversion, {how}")
+    if model.input_size != spec.image_size:
+        parts.append(f"{model.input_size} px images pooled adaptively to the map of the backbone's "
+                     f"{spec.image_size} px")
+    return "; ".join(parts)
+
+
 def _start_model(learner: MetaLearner, k: int, images: torch.Tensor) -> TargetModel:
-    """A cluster model whose backbone is `learner`'s φ with BatchNorm statistics of `images`."""
-    model = TargetModel(learner.backbone_spec, cluster_names(k), learner.name)
+    """A cluster model whose backbone is `learner`'s φ with BatchNorm statistics of `images`.
+
+    Images of another shape than φ's (a heterogeneous target) get the input adapter, at the fixed conversion.
+    """
+    if images.ndim != 4 or images.shape[2] != images.shape[3]:
+        raise ConfigError(f"{learner.name}: target images must be (N, C, S, S), found shape {tuple(images.shape)}")
+    model = TargetModel(learner.backbone_spec, cluster_names(k), learner.name,
+                        input_shape=(int(images.shape[1]), int(images.shape[2])))
     # strict=False: a MAML-family backbone has no running-stat buffers; they are estimated below.
     missing, unexpected = model.backbone.load_state_dict(_learner_backbone(learner).state_dict(), strict=False)
     bad = [k_ for k_ in missing if not k_.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     if bad or unexpected:
         raise ConfigError(f"{learner.name}: backbone weights do not fit the target model ({bad[:3]}, {unexpected[:3]})")
-    reestimate_batchnorm(model.backbone, images)
+    # Another input shape: the statistics are taken through the adapter and pooling, of what the backbone
+    # is fed (the whole model runs; its head's output is discarded).
+    reestimate_batchnorm(model if model.input_shape is not None else model.backbone, images)
     model.eval()
     return model
 
@@ -254,10 +299,10 @@ def fit_unlabeled(learner: MetaLearner, images: torch.Tensor, settings: ClusterS
         learner = copy.deepcopy(learner).cpu()
     images = images.cpu()
     model = _start_model(learner, settings.k, images)  # k is fixed below; the backbone does not depend on it
-    feats = embed(model.backbone, images).double().numpy()
+    feats = embed(model, images, model.features).double().numpy()
     k, scores, fits = choose_k(feats, settings, seed)
     fit = fits[k]
-    if model.head.out_features != k:
+    if model.head.out_features != k:  # a new head; the adapter (if any) is kept
         model.head = nn.Linear(model.backbone.out_dim, k)
         model.class_names = cluster_names(k)
     t = settings.temperature * fit.scale

@@ -6,7 +6,6 @@ shape. Without an override nothing changes: same store, same saved target-model 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from pathlib import Path
 
@@ -252,7 +251,7 @@ def test_prepare_keeps_a_datasets_own_shape_and_leaves_the_others_as_they_were(t
              for i, name in enumerate(("skin", "eye"))}
     base = PrepareParams(image_size=16, channels=1, omniglot_protocol="background_evaluation", meta_val_classes=0,
                          val_fraction=0.25, npz_files=files)
-    own = dataclasses.replace(base, per_dataset={"skin": DatasetShapeParams(channels=3, image_size=20)})
+    own = base.model_copy(update={"per_dataset": {"skin": DatasetShapeParams(channels=3, image_size=20)}})
     assert own.shape_of("skin") == (3, 20) and own.shape_of("eye") == (1, 16) == base.shape_of("skin")
     for params, out in ((base, "before"), (own, "after")):
         prep.prepare(params, ("skin", "eye"), tmp_path / "raw", tmp_path / out, seed=0, base_dir=tmp_path)
