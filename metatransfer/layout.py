@@ -12,7 +12,7 @@ checks that the two agree.
     data/checks/params.ok              check_params
     data/checks/image_folders/<name>.json  image_folders@<name>
     data/prepared_dir/<dataset>/       prepare
-    data/episodes/<set>/<k>shot.npz    episodes
+    data/episodes/<set>/<k>shot.safetensors  episodes
     models/pretrain/                   pretrain
     models/meta/<algorithm>/           meta_train
     models/target/<target>/<method>/   finetune (+ <target>/selection.json)
@@ -55,9 +55,9 @@ def episode_path(episodes_dir: str | Path, set_name: str, k_shot: int) -> Path:
         k_shot: one of that set's `shots`.
 
     Returns:
-        `episodes_dir/<set_name>/<k_shot>shot.npz`.
+        `episodes_dir/<set_name>/<k_shot>shot.safetensors`.
     """
-    return Path(episodes_dir) / set_name / f"{k_shot}shot.npz"
+    return Path(episodes_dir) / set_name / f"{k_shot}shot.safetensors"
 
 
 @dataclass(frozen=True)

@@ -1,33 +1,44 @@
-"""Fixed episode files: a zip of .npy arrays plus meta.json, written byte-for-byte deterministically and read
-back checked."""
+"""Fixed episode files: one safetensors file per set and shot count, byte-for-byte deterministic, read back checked.
+
+The four index arrays are the file's tensors (int64); everything else (the
+split's fingerprint, how the episodes were drawn) is its metadata, stored as
+ONE key holding canonical JSON. safetensors writes its metadata map in hash
+order, which differs from process to process; a single key keeps the bytes a
+function of the content only. Any safetensors reader opens the file
+(`safetensors.numpy.load_file`, `safe_open(...).metadata()`).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
-import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save
 
 from metatransfer.data.store import SplitData
 from metatransfer.episodes.fixed import FixedEpisodes
 from metatransfer.errors import EpisodeError
+from metatransfer.io import write_bytes_atomic
 
+# Versions the metadata's schema (the keys of `_meta`), not the container.
 FIXED_FORMAT = "metatransfer.fixed_episodes/1"
+# The one metadata key of an episode file: canonical JSON of `_meta`.
+META_KEY = "metatransfer.fixed_episodes"
 _ARRAYS = ("classes", "rotations", "support_idx", "query_idx")
-# A fixed timestamp and attributes make the zip bytes depend on content only.
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+_REQUIRED = {"dataset", "split", "n_way", "k_shot", "n_query", "seed", "rotation_augment", "fingerprint", "n_episodes"}
+# The first bytes of the files written before safetensors (a zip of .npy arrays plus meta.json).
+_ZIP_MAGIC = b"PK\x03\x04"
+_RERUN = "Re-run the `episodes` stage (`dvc repro episodes`)."
 
 
 def _meta(fe: FixedEpisodes) -> dict[str, object]:
     """The JSON-able metadata of a FixedEpisodes (everything but the arrays).
 
     The exclusion keys appear only when a class was excluded, so a set without
-    exclusions is byte-identical to one written before the keys existed.
+    exclusions gives the same metadata as before the keys existed.
     """
     extra: dict[str, object] = {}
     if fe.excluded_classes:
@@ -48,23 +59,18 @@ def _meta(fe: FixedEpisodes) -> dict[str, object]:
     }
 
 
-def _zip_entry(name: str) -> zipfile.ZipInfo:
-    """A ZipInfo with fixed time, system and permissions (byte-identical files)."""
-    info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    info.compress_type = zipfile.ZIP_STORED
-    info.create_system = 3  # unix, whatever platform writes it
-    info.external_attr = 0o644 << 16
-    return info
+def episode_file_bytes(fe: FixedEpisodes) -> bytes:
+    """The bytes of `fe`'s episode file: the same episodes give the same bytes, in any process."""
+    arrays = {name: np.ascontiguousarray(getattr(fe, name), dtype="<i8") for name in _ARRAYS}
+    meta = json.dumps(_meta(fe), sort_keys=True, separators=(",", ":"))
+    return save(arrays, metadata={META_KEY: meta})
 
 
 def save_fixed_episodes(fe: FixedEpisodes, path: str | os.PathLike[str]) -> Path:
-    """Write `fe` to `path` deterministically and atomically.
+    """Write `fe` to `path` (a `.safetensors` file) deterministically and atomically.
 
-    The file is a zip readable by `np.load` (one .npy per array plus
-    meta.json), but written with fixed timestamps and attributes, so the same
-    episodes always give the same bytes (np.savez stamps the current time).
-    It is written to a temporary file beside `path` and moved into place, so
-    a crash never leaves a half-written file.
+    It is written to a temporary file beside `path` and moved into place
+    (`io.write_bytes_atomic`), so a crash never leaves a half-written file.
 
     Args:
         fe: the episode set.
@@ -73,27 +79,29 @@ def save_fixed_episodes(fe: FixedEpisodes, path: str | os.PathLike[str]) -> Path
     Returns:
         The path written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = json.dumps(_meta(fe), sort_keys=True, indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    return write_bytes_atomic(path, episode_file_bytes(fe))
+
+
+def _read(path: Path) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+    """The metadata and arrays of an episode file (EpisodeError when it is not one)."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            with zipfile.ZipFile(fh, "w") as zf:
-                zf.writestr(_zip_entry("meta.json"), meta.encode("utf-8"))
-                for name in _ARRAYS:
-                    buf = io.BytesIO()
-                    arr = np.ascontiguousarray(getattr(fe, name), dtype="<i8")
-                    np.lib.format.write_array(buf, arr, version=(1, 0), allow_pickle=False)
-                    zf.writestr(_zip_entry(f"{name}.npy"), buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+        with open(path, "rb") as fh:
+            if fh.read(4) == _ZIP_MAGIC:
+                raise EpisodeError(
+                    f"{path}: an episode file of the old format (a zip of .npy arrays, `<k>shot.npz`); episode "
+                    f"files are safetensors now (`<k>shot.safetensors`). {_RERUN}"
+                )
+        with safe_open(str(path), framework="np") as f:
+            meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
+            if not isinstance(meta, dict):
+                raise EpisodeError(f"{path}: safetensors file without the {META_KEY!r} metadata object. {_RERUN}")
+            missing = sorted(set(_ARRAYS) - set(f.keys()))
+            if missing:
+                raise EpisodeError(f"{path}: missing array(s) {missing} (found {sorted(f.keys())}). {_RERUN}")
+            arrays = {name: f.get_tensor(name) for name in _ARRAYS}
+    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
+        raise EpisodeError(f"{path}: not a readable fixed episode file ({exc}). {_RERUN}") from exc
+    return meta, arrays
 
 
 def load_fixed_episodes(
@@ -110,26 +118,20 @@ def load_fixed_episodes(
         The FixedEpisodes (with `source` set to `path`).
 
     Raises:
-        EpisodeError: missing, unreadable or inconsistent file (re-run the
-            `episodes` stage), or a split that does not match.
+        EpisodeError: missing, unreadable, old-format (.npz) or inconsistent
+            file (re-run the `episodes` stage), or a split that does not match.
     """
     path = Path(path)
-    rerun = "Re-run the `episodes` stage (e.g. `dvc repro episodes`)."
     if not path.is_file():
-        raise EpisodeError(f"{path}: no fixed episode file there. {rerun}")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            meta = json.loads(zf.read("meta.json").decode("utf-8"))
-            arrays = {}
-            for name in _ARRAYS:
-                with zf.open(f"{name}.npy") as fh:
-                    arrays[name] = np.lib.format.read_array(fh, allow_pickle=False)
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-        raise EpisodeError(f"{path}: not a readable fixed episode file ({exc}). {rerun}") from exc
+        old = path.with_suffix(".npz")
+        found = f" (an old-format {old.name} is there: episode files are safetensors now)" if old.is_file() else ""
+        raise EpisodeError(f"{path}: no fixed episode file there{found}. {_RERUN}")
+    meta, arrays = _read(path)
     if meta.get("format") != FIXED_FORMAT:
-        raise EpisodeError(
-            f"{path}: format {meta.get('format')!r}, expected {FIXED_FORMAT!r}. {rerun}"
-        )
+        raise EpisodeError(f"{path}: format {meta.get('format')!r}, expected {FIXED_FORMAT!r}. {_RERUN}")
+    missing = sorted(_REQUIRED - set(meta))
+    if missing:
+        raise EpisodeError(f"{path}: metadata without {missing}. {_RERUN}")
     fe = FixedEpisodes(
         dataset=meta["dataset"],
         split=meta["split"],
@@ -152,9 +154,9 @@ def load_fixed_episodes(
         "query_idx": (e, n * fe.n_query),
     }
     for name, shape in expected.items():
-        if arrays[name].shape != shape:
+        if arrays[name].shape != shape or arrays[name].dtype != np.int64:
             raise EpisodeError(
-                f"{path}: {name} has shape {arrays[name].shape}, expected {shape}. {rerun}"
+                f"{path}: {name} is {arrays[name].dtype} {arrays[name].shape}, expected int64 {shape}. {_RERUN}"
             )
     if split is not None:
         fe.check_split(split)

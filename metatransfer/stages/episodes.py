@@ -1,5 +1,5 @@
 """`episodes` stage: fixed evaluation episode files, so every method is compared
-on identical episodes (`data/episodes/<set>/<k>shot.npz`)."""
+on identical episodes (`data/episodes/<set>/<k>shot.safetensors`)."""
 
 from __future__ import annotations
 

@@ -3,13 +3,18 @@ sampling and fixed evaluation episode files (synthetic splits, no I/O but tmp)."
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
+from safetensors import safe_open
 
 import metatransfer.episodes.sampler as episodes_mod
 from metatransfer.data.store import SplitData
@@ -22,6 +27,7 @@ from metatransfer.episodes import (
     save_fixed_episodes,
     split_fingerprint,
 )
+from metatransfer.episodes.files import _ARRAYS, META_KEY
 from metatransfer.errors import ConfigError, DataError, EpisodeError
 
 
@@ -313,29 +319,35 @@ def test_mixed_sampler_bad_weights() -> None:
 # ---------------------------------------------------------------- fixed episodes
 
 
+# sha256 of the file of build_fixed_episodes(make_split([8] * 10), 5, 1, 3, 25, seed=2): a change of the bytes (the
+# writer, safetensors' header layout) changes every `dvc repro`'s episode files, so it must be seen here.
+GOLDEN_SHA256 = "a05942c57c8d05bcbea68c8179f0f0097da452d8e5f1a8995a23e3d0fc53c957"
+
+
 def test_fixed_episode_file_is_byte_identical_for_same_seed(tmp_path: Path) -> None:
     split = make_split([8] * 10)
-    p1, p2, p3 = tmp_path / "a.npz", tmp_path / "sub" / "b.npz", tmp_path / "c.npz"
+    p1, p2, p3 = tmp_path / "a.safetensors", tmp_path / "sub" / "b.safetensors", tmp_path / "c.safetensors"
     save_fixed_episodes(build_fixed_episodes(split, 5, 1, 3, 25, seed=2), p1)
     save_fixed_episodes(build_fixed_episodes(split, 5, 1, 3, 25, seed=2), p2)
     save_fixed_episodes(build_fixed_episodes(split, 5, 1, 3, 25, seed=3), p3)
     assert p1.read_bytes() == p2.read_bytes()
     assert p1.read_bytes() != p3.read_bytes()
-    with zipfile.ZipFile(p1) as zf:
-        # No wall-clock timestamp inside (np.savez would stamp the current time).
-        assert {i.date_time for i in zf.infolist()} == {(1980, 1, 1, 0, 0, 0)}
-        assert sorted(zf.namelist()) == sorted(
-            ["meta.json", "classes.npy", "rotations.npy", "support_idx.npy", "query_idx.npy"]
-        )
-    # Atomic write leaves no temporary file behind.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "c.npz", "sub"]
+    # Written in an earlier process: safetensors orders a metadata map by hash, differently in every process,
+    # so the metadata is one key of canonical JSON.
+    assert hashlib.sha256(p1.read_bytes()).hexdigest() == GOLDEN_SHA256
+    with safe_open(p1, framework="np") as f:
+        assert list(f.metadata()) == [META_KEY] and sorted(f.keys()) == sorted(_ARRAYS)
+        assert json.loads(f.metadata()[META_KEY])["seed"] == 2
+    # Atomic write leaves no temporary file behind; the file is readable by all, like every other output.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "c.safetensors", "sub"]
+    assert p1.stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize("rotation", [True, False])
 def test_fixed_episodes_round_trip_and_match_sampler(tmp_path: Path, rotation: bool) -> None:
     split = make_split([7, 8, 7, 9, 7, 7, 10, 7, 7], side=5)
     fe = build_fixed_episodes(split, 4, 2, 3, 12, seed=21, rotation_augment=rotation)
-    path = save_fixed_episodes(fe, tmp_path / "eval.npz")
+    path = save_fixed_episodes(fe, tmp_path / "eval.safetensors")
     loaded = load_fixed_episodes(path, split)
     assert isinstance(loaded, FixedEpisodes) and len(loaded) == 12
     for name in ("dataset", "split", "n_way", "k_shot", "n_query", "seed", "rotation_augment", "fingerprint"):
@@ -346,9 +358,8 @@ def test_fixed_episodes_round_trip_and_match_sampler(tmp_path: Path, rotation: b
         assert np.array_equal(getattr(loaded, name), getattr(fe, name))
     assert loaded.support_idx.shape == (12, 8) and loaded.query_idx.shape == (12, 12)
     assert loaded.source == str(path)
-    # Plain numpy reads the arrays too (a standard .npz).
-    with np.load(path) as npz:
-        assert np.array_equal(npz["support_idx"], fe.support_idx)
+    # Any safetensors reader reads the arrays too.
+    assert np.array_equal(safetensors.numpy.load_file(path)["support_idx"], fe.support_idx)
     # Episode i is the i-th draw of a sampler with the same seed.
     sampler = EpisodeSampler(split, 4, 2, 3, seed=21, rotation_augment=rotation)
     for i, ep in enumerate(loaded.iter_episodes(split)):
@@ -360,7 +371,7 @@ def test_fixed_episodes_round_trip_and_match_sampler(tmp_path: Path, rotation: b
 
 def test_fixed_episodes_reject_changed_or_other_data(tmp_path: Path) -> None:
     split = make_split([6] * 5, dataset="omniglot", split="meta_test")
-    path = save_fixed_episodes(build_fixed_episodes(split, 3, 1, 2, 4, seed=0), tmp_path / "e.npz")
+    path = save_fixed_episodes(build_fixed_episodes(split, 3, 1, 2, 4, seed=0), tmp_path / "e.safetensors")
     changed_images = split.images.copy()
     changed_images[0, 0, 0, 0] ^= 1
     changed = SplitData(split.dataset, split.split, changed_images, split.labels, split.class_names)
@@ -379,12 +390,50 @@ def test_fixed_episodes_reject_changed_or_other_data(tmp_path: Path) -> None:
 
 
 def test_load_fixed_episodes_missing_or_corrupt(tmp_path: Path) -> None:
-    with pytest.raises(EpisodeError, match="no fixed episode file there.*`episodes` stage"):
-        load_fixed_episodes(tmp_path / "none.npz")
-    bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"not a zip")
-    with pytest.raises(EpisodeError, match="bad.npz: not a readable fixed episode file"):
+    rerun = r"Re-run the `episodes` stage \(`dvc repro episodes`\)\.$"
+    with pytest.raises(EpisodeError, match=rf"none.safetensors: no fixed episode file there\. {rerun}"):
+        load_fixed_episodes(tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(EpisodeError, match=rf"bad.safetensors: not a readable fixed episode file \(.*\)\. {rerun}"):
         load_fixed_episodes(bad)
+    fe = build_fixed_episodes(make_split([6] * 4), 3, 1, 2, 4, seed=0)
+    arrays = {name: getattr(fe, name) for name in _ARRAYS}
+    meta = json.loads(safe_open(save_fixed_episodes(fe, tmp_path / "ok.safetensors"), "np").metadata()[META_KEY])
+    cases = [  # (arrays, metadata, message)
+        (arrays, {}, r"safetensors file without the 'metatransfer.fixed_episodes' metadata object"),
+        ({k: v for k, v in arrays.items() if k != "rotations"}, {META_KEY: json.dumps(meta)},
+         r"missing array\(s\) \['rotations'\] \(found \['classes', 'query_idx', 'support_idx'\]\)"),
+        ({**arrays, "classes": fe.classes.astype(np.int32)}, {META_KEY: json.dumps(meta)},
+         r"classes is int32 \(4, 3\), expected int64 \(4, 3\)"),
+        (arrays, {META_KEY: json.dumps({**meta, "n_episodes": 5})},
+         r"classes is int64 \(4, 3\), expected int64 \(5, 3\)"),
+        (arrays, {META_KEY: json.dumps({k: v for k, v in meta.items() if k != "seed"})},
+         r"metadata without \['seed'\]"),
+        (arrays, {META_KEY: json.dumps({**meta, "format": "x/9"})},
+         r"format 'x/9', expected 'metatransfer.fixed_episodes/1'"),
+    ]
+    for i, (stored, metadata, message) in enumerate(cases):
+        path = tmp_path / f"case{i}.safetensors"
+        safetensors.numpy.save_file(stored, path, metadata=metadata)
+        with pytest.raises(EpisodeError, match=rf"^{re.escape(str(path))}: {message}\. {rerun}"):
+            load_fixed_episodes(path)
+
+
+def test_old_npz_episode_file_says_to_rerun_the_stage(tmp_path: Path) -> None:
+    """Files written before safetensors (a zip of .npy arrays and meta.json) are refused with what to do."""
+    old = tmp_path / "1shot.npz"
+    with zipfile.ZipFile(old, "w") as zf:
+        zf.writestr("meta.json", json.dumps({"format": "metatransfer.fixed_episodes/1"}))
+    with pytest.raises(EpisodeError, match=r"1shot.npz: an episode file of the old format \(a zip of .npy arrays, "
+                                           r"`<k>shot.npz`\); episode files are safetensors now "
+                                           r"\(`<k>shot.safetensors`\)\. Re-run the `episodes` stage "
+                                           r"\(`dvc repro episodes`\)\."):
+        load_fixed_episodes(old)
+    # The layout's new name, where only the old file is (`dvc repro` not yet run after the upgrade).
+    with pytest.raises(EpisodeError, match=r"1shot.safetensors: no fixed episode file there \(an old-format 1shot.npz "
+                                           r"is there: episode files are safetensors now\)\. Re-run"):
+        load_fixed_episodes(tmp_path / "1shot.safetensors")
 
 
 def test_build_fixed_episodes_rejects_bad_count() -> None:

@@ -147,7 +147,7 @@ def test_data_version_is_read_from_the_configured_prepared_folder(tmp_path: Path
 def test_paths_of_one_project() -> None:
     layout = Layout.of(Path("/p"), params_from_mapping(with_data(default_raw(), **OTHER_DATA)))
     assert layout.prepared_dataset("breastmnist") == Path("/p/store/prep/breastmnist")
-    assert layout.episode_file("bt_test", 5) == Path("/p/data/episodes/bt_test/5shot.npz") \
+    assert layout.episode_file("bt_test", 5) == Path("/p/data/episodes/bt_test/5shot.safetensors") \
         == episode_path(Path("/p/data/episodes"), "bt_test", 5)
     assert layout.meta_learner("protonet") == Path("/p/models/meta/protonet")
     assert layout.target_model("breastmnist", "scratch") == Path("/p/models/target/breastmnist/scratch")
@@ -196,7 +196,7 @@ def test_params_in_another_folder_put_every_output_there(tmp_path: Path, mirror:
     assert list(elsewhere.iterdir()) == []
     assert (sub / "inputs/raw_files/breastmnist/breastmnist.npz").is_file()
     assert (sub / "store/prep/breastmnist/images.npy").is_file()
-    assert (sub / "data/episodes/bt/1shot.npz").is_file()
+    assert (sub / "data/episodes/bt/1shot.safetensors").is_file()
     assert not (sub / "data/raw").exists() and not (sub / "data/prepared").exists()
     client = mlflow.MlflowClient(tracking_uri(sub))
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.stage = 'prepare'")

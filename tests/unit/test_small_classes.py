@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from safetensors import safe_open
 
 from metatransfer import preflight
 from metatransfer.algorithms import CATALOG, build_algorithm
@@ -36,6 +36,7 @@ from metatransfer.episodes import (
     save_fixed_episodes,
     small_classes,
 )
+from metatransfer.episodes.files import META_KEY
 from metatransfer.errors import ConfigError, EpisodeError
 from metatransfer.models import BackboneSpec
 from metatransfer.stages.episodes import build_episode_files
@@ -87,6 +88,12 @@ def episode_bytes(raw: dict, prepared: Path, out: Path, **set_keys) -> dict[str,
     return {f.name: f.read_bytes() for f in files}
 
 
+def stored_meta(path: Path) -> dict:
+    """The metadata of an episode file, read with plain safetensors."""
+    with safe_open(path, framework="np") as f:
+        return json.loads(f.metadata()[META_KEY])
+
+
 # ---------------------------------------------------------------- episode sets
 
 
@@ -100,13 +107,11 @@ def test_set_minimum_excludes_small_classes_with_one_warning_and_records_them(
                         "than 15 images and are excluded: cells/test/c00 (3), cells/test/c03 (2)"]
     split = load_split(prepared, "cells", "test")
     for k in (1, 5):
-        path = tmp_path / "episodes" / "cells_test" / f"{k}shot.npz"
+        path = tmp_path / "episodes" / "cells_test" / f"{k}shot.safetensors"
         fe = load_fixed_episodes(path, split)
         assert fe.excluded_classes == {"cells/test/c00": 3, "cells/test/c03": 2}
         assert fe.min_images_per_class == 15
-        with zipfile.ZipFile(path) as zf:
-            meta = json.loads(zf.read("meta.json"))
-        assert meta["excluded_classes"] == {"cells/test/c00": 3, "cells/test/c03": 2}
+        assert stored_meta(path)["excluded_classes"] == {"cells/test/c00": 3, "cells/test/c03": 2}
         # never drawn; every kept class of the 3 drawn per episode, K + Q = k + 10 images each
         assert set(np.unique(fe.classes)) == {1, 2, 4}
         assert fe.support_idx.shape == (6, 3 * k) and fe.query_idx.shape == (6, 30)
@@ -151,8 +156,7 @@ def test_minimum_zero_absent_or_excluding_nothing_writes_identical_bytes(raw: di
     absent = episode_bytes(raw, prepared, tmp_path / "a")
     assert absent == episode_bytes(raw, prepared, tmp_path / "b", min_images_per_class=0)
     assert absent == episode_bytes(raw, prepared, tmp_path / "c", min_images_per_class=2)  # no class under 2
-    with zipfile.ZipFile(tmp_path / "a" / "cells_test" / "1shot.npz") as zf:
-        assert "excluded_classes" not in json.loads(zf.read("meta.json"))
+    assert "excluded_classes" not in stored_meta(tmp_path / "a" / "cells_test" / "1shot.safetensors")
     assert absent != episode_bytes(raw, prepared, tmp_path / "d", min_images_per_class=3)
 
 
@@ -302,7 +306,7 @@ def test_fixed_episode_file_round_trips_the_exclusion(prepared: Path, tmp_path: 
     split = load_split(prepared, "cells", "test")
     fe = build_fixed_episodes(split, 2, 1, 1, 3, seed=4, min_images_per_class=3)
     assert fe.excluded_classes == {"cells/test/c03": 2}
-    back = load_fixed_episodes(save_fixed_episodes(fe, tmp_path / "e.npz"), split)
+    back = load_fixed_episodes(save_fixed_episodes(fe, tmp_path / "e.safetensors"), split)
     assert back.excluded_classes == {"cells/test/c03": 2} and back.min_images_per_class == 3
     ep = back.materialise(0, split)
     assert ep.support_x.shape[0] == 2 and 3 not in ep.classes.tolist()
