@@ -3,11 +3,19 @@
 A checkpoint is a folder `<dir>/step-<step>/` in the safe artifact format of
 `metatransfer.artifacts` (no pickle anywhere):
 
-    model.safetensors   every tensor of the training state (weights, optimizer
-                        moments, best-validation weights, torch RNG states, ...)
-    config.json         everything else: step, counters, curves, RNG states of
-                        Python and NumPy, tuples and arrays as tagged JSON
+    model.safetensors   every tensor and NumPy array of the training state
+                        (weights, optimizer moments, best-validation weights,
+                        RNG states of torch and NumPy), named by its place in
+                        the state tree; safetensors records dtype and shape
+    config.json         the tree itself as JSON: step, counters, curves,
+                        Python's RNG state, optimizer hyper-parameters; a
+                        tensor, array or tuple is a small tagged object there
     checksums.json      sha256 of both, verified before anything is read
+
+Nothing is ever unpickled: both files are data formats, so an altered
+checkpoint can fail to load but cannot run code. A checkpoint of an older
+format (FORMAT) is discarded with a warning and training starts from step 0;
+it is never decoded with rules it was not written with.
 
 Writing is atomic: the files go into a hidden temporary folder, are fsynced,
 and the folder is renamed into place, so a SIGKILL (or power loss) leaves
@@ -49,7 +57,8 @@ from metatransfer.errors import is_disk_full
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# 2: NumPy arrays are safetensors tensors of their own dtype (1 stored their raw bytes as uint8).
+FORMAT = 2
 STEP_PREFIX = "step-"
 
 
@@ -86,15 +95,20 @@ class Checkpoint:
 # --------------------------------------------------------------------------- encoding
 def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
     """JSON-able form of `value`; tensors and arrays move into `tensors` under `path`."""
-    if isinstance(value, torch.Tensor):
-        # clone(): safetensors refuses tensors that share storage (state_dict views).
-        tensors[path] = value.detach().cpu().contiguous().clone()
-        return {"__tensor__": path}
-    if isinstance(value, np.ndarray):
-        # Raw bytes + dtype/shape: numpy dtypes torch lacks (uint32 of MT19937) survive.
-        arr = np.ascontiguousarray(value)
-        tensors[path] = torch.from_numpy(np.frombuffer(arr.tobytes(), dtype=np.uint8).copy())
-        return {"__ndarray__": path, "dtype": arr.dtype.str, "shape": list(arr.shape)}
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        if path in tensors:
+            # "a.b" as one key and as two nested keys name the same tensor: refuse rather than overwrite.
+            raise TypeError(f"checkpoint state at {path!r}: two tensors of the state have this name")
+        if isinstance(value, torch.Tensor):
+            # clone(): safetensors refuses tensors that share storage (state_dict views).
+            tensors[path] = value.detach().cpu().contiguous().clone()
+            return {"__tensor__": path}
+        try:  # uint32 (MT19937's key) and the other numeric dtypes map to torch's; safetensors keeps them
+            # copy(order="C"), not ascontiguousarray: that turns a 0-d array into a 1-d one.
+            tensors[path] = torch.from_numpy(value.copy(order="C"))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"checkpoint state at {path!r}: cannot store a {value.dtype} array ({exc})") from None
+        return {"__ndarray__": path}
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, tuple):
@@ -121,8 +135,7 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if "__tensor__" in value:
             return tensors[value["__tensor__"]]
         if "__ndarray__" in value:
-            raw = tensors[value["__ndarray__"]].numpy().tobytes()
-            return np.frombuffer(raw, dtype=np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+            return tensors[value["__ndarray__"]].numpy()
         if "__tuple__" in value:
             return tuple(_decode(v, tensors) for v in value["__tuple__"])
         return {k: _decode(v, tensors) for k, v in value.items()}
@@ -319,8 +332,9 @@ def load_latest(config: CheckpointConfig) -> Checkpoint | None:
     """The newest checkpoint in `config.folder` written with `config.fingerprint`.
 
     Leftovers of a killed write are deleted. Checkpoints written with other
-    settings (another fingerprint) are deleted and None is returned: the run
-    starts over rather than mixing two configurations.
+    settings (another fingerprint) or in another format (an older version of
+    this module) are deleted with a warning and None is returned: the run
+    starts over rather than mixing two configurations or misreading a state.
 
     Returns:
         The checkpoint, or None when there is none to resume from.
@@ -344,14 +358,17 @@ def load_latest(config: CheckpointConfig) -> Checkpoint | None:
             f"{newest}: refusing to resume from this checkpoint: {exc} Delete {folder} to start "
             "this training run from scratch."
         ) from None
-    if doc.get("format") != FORMAT or doc.get("fingerprint") != config.fingerprint:
-        log.warning(
-            "%s: checkpoint written with other settings or data (fingerprint %s, now %s); discarding "
-            "it and starting from step 0", newest, str(doc.get("fingerprint"))[:12], config.fingerprint[:12],
-        )
-        clear_checkpoints(folder)
-        return None
-    return Checkpoint(step=int(doc["step"]), state=_decode(doc["state"], tensors), path=newest)
+    # Checked before decoding: the state of another format is never read with these rules.
+    if doc.get("format") != FORMAT:
+        stale = f"format {doc.get('format')} (this version reads format {FORMAT})"
+    elif doc.get("fingerprint") != config.fingerprint:
+        stale = (f"other settings or data (fingerprint {str(doc.get('fingerprint'))[:12]}, "
+                 f"now {config.fingerprint[:12]})")
+    else:
+        return Checkpoint(step=int(doc["step"]), state=_decode(doc["state"], tensors), path=newest)
+    log.warning("%s: checkpoint written with %s; discarding it and starting from step 0", newest, stale)
+    clear_checkpoints(folder)
+    return None
 
 
 def clear_checkpoints(folder: str | Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from metatransfer.artifacts import CHECKSUMS, CONFIG, WEIGHTS, sha256_file
 from metatransfer.training import checkpoint as ck
@@ -42,6 +43,7 @@ def test_every_state_kind_round_trips_exactly(tmp_path: Path) -> None:
     state = {
         "weights": {"a": shared[:3], "b": shared[3:], "scalar": torch.tensor(2.5), "flag": torch.tensor([True, False])},
         "mt": np.arange(624, dtype=np.uint32) * 7,
+        "arrays": [np.array(-3), np.linspace(0, 1, 6, dtype=np.float16).reshape(2, 3)[:, ::2], np.array([], np.uint64)],
         "tuple": (3, (1, 2), None),
         "big": 2**127 + 5,  # PCG64 state words are 128-bit integers
         "floats": [0.1, 1e-300, float("inf")],
@@ -57,6 +59,14 @@ def test_every_state_kind_round_trips_exactly(tmp_path: Path) -> None:
     assert s["weights"]["scalar"].shape == () and float(s["weights"]["scalar"]) == 2.5
     assert s["weights"]["flag"].dtype == torch.bool
     assert s["mt"].dtype == np.uint32 and np.array_equal(s["mt"], np.arange(624, dtype=np.uint32) * 7)
+    for got_array, saved in zip(s["arrays"], state["arrays"]):
+        assert isinstance(got_array, np.ndarray) and got_array.dtype == saved.dtype and np.array_equal(got_array, saved)
+    assert [a.shape for a in s["arrays"]] == [(), (2, 2), (0,)]
+    # Arrays are safetensors tensors of their own dtype and shape, named by their place in the state.
+    with safe_open(got.path / WEIGHTS, framework="pt") as f:
+        assert f.get_slice("mt").get_dtype() == "U32" and f.get_slice("mt").get_shape() == [624]
+        assert sorted(f.keys()) == ["arrays.0", "arrays.1", "arrays.2", "mt", "weights.a", "weights.b", "weights.flag",
+                                    "weights.scalar"]
     assert s["tuple"] == (3, (1, 2), None) and isinstance(s["tuple"][1], tuple)
     assert s["big"] == 2**127 + 5
     assert s["floats"] == [0.1, 1e-300, float("inf")]
@@ -68,6 +78,32 @@ def test_non_string_keys_and_objects_are_refused(tmp_path: Path) -> None:
         save_checkpoint(cfg(tmp_path), 1, {"state": {0: torch.zeros(1)}})
     with pytest.raises(TypeError, match="cannot store object"):
         save_checkpoint(cfg(tmp_path), 1, {"x": object()})
+    with pytest.raises(TypeError, match=r"checkpoint state at 'x.1': cannot store a <U1 array"):
+        save_checkpoint(cfg(tmp_path), 1, {"x": [1, np.array(["a"])]})
+    # torch takes arrays of the machine's byte order only
+    with pytest.raises(TypeError, match=r"checkpoint state at 'x': cannot store a >i4 array"):
+        save_checkpoint(cfg(tmp_path), 1, {"x": np.arange(2, dtype=">i4")})
+    # Dotted keys (state_dict names) and nesting could name one tensor twice: refused, not overwritten.
+    with pytest.raises(TypeError, match=r"checkpoint state at 'm.w': two tensors of the state have this name"):
+        save_checkpoint(cfg(tmp_path), 1, {"m.w": torch.zeros(1), "m": {"w": torch.ones(1)}})
+    assert checkpoint_dirs(tmp_path / "ck") == []  # nothing half-written
+
+
+def test_checkpoint_of_an_older_format_is_discarded_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Format 1 stored arrays as raw uint8 bytes: decoding it with today's rules would resume a wrong state."""
+    path = save_checkpoint(cfg(tmp_path), 4, {"mt": np.arange(3, dtype=np.uint32)})
+    doc = json.loads((path / CONFIG).read_text())
+    assert doc["format"] == ck.FORMAT == 2
+    (path / CONFIG).write_text(json.dumps({**doc, "format": 1}))
+    (path / CHECKSUMS).write_text(json.dumps({name: sha256_file(path / name) for name in (WEIGHTS, CONFIG)}))
+    with caplog.at_level("WARNING", logger=ck.__name__):
+        assert load_latest(cfg(tmp_path)) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: checkpoint written with format 1 (this version reads format 2); discarding it and starting from "
+        "step 0"]
+    assert not (tmp_path / "ck").exists()
 
 
 def test_global_rng_states_resume_the_same_streams(tmp_path: Path) -> None:
