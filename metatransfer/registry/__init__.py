@@ -36,10 +36,15 @@ theirs; a run that fails, or is found RUNNING after its process was killed
 (`revert_changes`). So an alias never rests on a version whose run did not
 finish.
 
+An unlabelled target (`finetune.unlabeled`) registers its cluster model the
+same way (tag `kind=cluster_model`, no learner); `promote` scores it on
+matched accuracy against hidden test labels, or answers `needs_review` when
+there are none (`unlabeled`, docs/registry.md "Unlabelled targets").
+
 Modules: `gate` (the pure promotion gate, no MLflow), `client` (names,
 aliases, tags, versions, champion history), `publish` (logging and registering
 a finetune result), `predict` (the predictions the gate compares), `promotion`
-and `rollback` (the actions, run as MLflow runs), `record` (their results and
+and `rollback` (the actions, run as MLflow runs), `unlabeled` (cluster models), `record` (their results and
 reports/promotion.json). The names below are the package's public interface.
 """
 
@@ -91,6 +96,7 @@ from metatransfer.registry.gate import (
 from metatransfer.registry.predict import held_out_images, predict_folder, predict_uri
 from metatransfer.registry.promotion import force_promote, next_best_method, promote, promote_targets
 from metatransfer.registry.publish import (
+    class_tags,
     log_learner_for,
     publish_finetune_result,
     register_finetune_result,
@@ -98,11 +104,20 @@ from metatransfer.registry.publish import (
 )
 from metatransfer.registry.record import DECISIONS_PATH, PromotionResult, RollbackResult, record_decision
 from metatransfer.registry.rollback import registry_status, rollback
+from metatransfer.registry.unlabeled import (
+    CLUSTER_KIND,
+    NEEDS_REVIEW,
+    cross_fitted_matched_accuracies,
+    hidden_label_scores,
+    is_cluster_model,
+    publish_cluster_result,
+)
 
 __all__ = [
-    "CHALLENGER", "CHAMPION", "DECISIONS_PATH", "HISTORY_TAG", "LEARNER_TAG", "PREFIX", "QUALITY_TAG",
-    "GateDecision", "GateSettings", "NoChallengerError", "PromotionResult", "QualityVerdict", "RegistryError",
-    "RollbackResult", "alias_version", "champion_history", "client_for", "decide", "episode_accuracies",
+    "CHALLENGER", "CHAMPION", "CLUSTER_KIND", "DECISIONS_PATH", "NEEDS_REVIEW", "HISTORY_TAG", "LEARNER_TAG", "PREFIX", "QUALITY_TAG",
+    "GateDecision", "GateSettings", "NoChallengerError", "cross_fitted_matched_accuracies", "hidden_label_scores",
+    "is_cluster_model", "publish_cluster_result", "PromotionResult", "QualityVerdict", "RegistryError",
+    "RollbackResult", "alias_version", "champion_history", "class_tags", "client_for", "decide", "episode_accuracies",
     "episodes_digest", "force_promote", "gate_episodes", "gate_settings", "held_out_images", "learner_gate", "learner_name",
     "learner_passed", "learner_quality", "log_learner_for", "majority_rate", "model_exists", "model_name",
     "move_alias", "move_champion", "next_best_method", "params_digest", "predict_folder", "predict_uri",

@@ -1,7 +1,10 @@
 """Promotion: the gate run on a target's challenger, and deliberate promotion without it.
 
 A challenger that is the baseline method itself (and no champion yet) is
-compared with the next-best method instead (`next_best_method`); a person can
+compared with the next-best method instead (`next_best_method`). The cluster
+model of an unlabelled target is scored on cross-fitted matched accuracy
+against hidden test labels, or answered `needs_review` without any
+(`unlabeled`). A person can
 promote without the gate, with a logged reason (`force_promote`). Every
 decision is a run `promote` in MLflow, tags on the challenger version and an
 entry in reports/promotion.json (`record.record_decision`).
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from metatransfer.registry.gate import (
 )
 from metatransfer.registry.predict import held_out_images, predict_folder, predict_uri
 from metatransfer.registry.record import PromotionResult, now, project_params, record_decision
+from metatransfer.registry.unlabeled import cross_fitted_matched_accuracies, hidden_labels, is_cluster_model, needs_review
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,6 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
     root = Path(root).resolve()
     params = project_params(root)
     settings = settings or gate_settings(params)
-    settings.check()
     client = client_for(root)
     name = model_name(target)
     challenger = require_challenger(client, name, root)
@@ -90,12 +92,19 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
         reason = f"version {cv} failed the quality gate ({challenger.tags.get('quality_reason', '')}); not promotable"
         log.warning("%s: %s", name, reason)
         return PromotionResult(target, name, "rejected", reason, cv, before, before, "quality gate")
+    # A cluster model (unlabelled target) is judged on matched accuracy against the hidden test labels,
+    # or, without any, left to a person (registry/unlabeled.py, docs/registry.md "Unlabelled targets").
+    cluster = is_cluster_model(challenger)
+    held = hidden_labels(params, root, target) if cluster else None
+    if cluster and held is None:
+        return needs_review(root, target, name, cv, before)
 
     # The baseline a first champion must beat may be the challenger itself (the validation winner is
     # `scratch`): the gate would compare it with itself (gain 0, CI [0, 0]) and could never pass. It is
     # compared with the best other method instead, or, with none, rejected with the way out.
     is_baseline = champion is None and challenger.tags.get("method", "") == settings.baseline
-    next_best = next_best_method(root, target, settings.baseline) if is_baseline else None
+    rank_by = "silhouette" if cluster else "val_acc"  # an unlabelled target has no validation accuracy
+    next_best = next_best_method(root, target, settings.baseline, rank_by) if is_baseline else None
     if is_baseline and next_best is None:
         reason = (f"version {cv} is the baseline method {settings.baseline!r} itself, so the gate would compare it "
                   "with itself (gain +0.0000) and can never pass, and no other fine-tuned method of "
@@ -107,7 +116,7 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
                                        "margin": settings.margin, "n_episodes": settings.n_episodes, "time": now()})
         return result
 
-    images, labels, fingerprint = held_out_images(params, root, target)
+    images, labels, fingerprint = held or held_out_images(params, root, target)
     episodes = gate_episodes(len(labels), settings.n_episodes, settings.seed)
     chall_pred = predict_uri(f"models:/{name}/{cv}", images)
     if champion is not None:
@@ -131,9 +140,12 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
         ref_info = {"kind": kind, "method": folder.name, "path": str(folder.relative_to(root)),
                     "weights_sha256": sha256_file(folder / "model.safetensors")}
         ref_pred = predict_folder(folder, images)
-    chall_acc = episode_accuracies(chall_pred, labels, episodes)
-    ref_acc = episode_accuracies(ref_pred, labels, episodes)
+    score = cross_fitted_matched_accuracies if cluster else episode_accuracies
+    chall_acc, ref_acc = score(chall_pred, labels, episodes), score(ref_pred, labels, episodes)
     verdict = decide(chall_acc, ref_acc, settings.margin, settings.confidence)
+    if cluster:
+        verdict = GateDecision(verdict.promote, verdict.gain, "matched accuracy (each cluster mapped to a class on "
+                               f"the other episodes' images): {verdict.reason}")
     if is_baseline:
         why = (f"version {cv} is the baseline method {settings.baseline!r} itself, so it is compared with the "
                f"next-best method {next_best!r}: {verdict.reason}")
@@ -144,7 +156,7 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
     after = cv if verdict.promote else before
     evidence = {
         "target": target, "model_name": name, "decision": decision, "reason": verdict.reason,
-        "settings": asdict(settings),
+        "settings": settings.model_dump(), "score": "matched_accuracy_cross_fitted" if cluster else "accuracy",
         "challenger": {"version": cv, "method": challenger.tags.get("method", ""), "acc": float(chall_acc.mean())},
         "reference": {**ref_info, "acc": float(ref_acc.mean())},
         "episodes": {"split": "test", "n_images": int(len(labels)), "split_fingerprint": fingerprint,
@@ -160,7 +172,7 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
         mlflow.set_tags({"target": target, "model_name": name, "decision": decision, "challenger_version": cv,
                          "champion_version": after or "", "previous_champion_version": before or "",
                          "reference": reference})
-        tracking.log_params({f"promote.{k}": v for k, v in asdict(settings).items()})
+        tracking.log_params({f"promote.{k}": v for k, v in settings.model_dump().items()})
         tracking.log_metrics({"promote/gain_mean": verdict.gain.mean, "promote/gain_ci_low": verdict.gain.low,
                               "promote/gain_ci_high": verdict.gain.high, "promote/challenger_acc": float(chall_acc.mean()),
                               "promote/reference_acc": float(ref_acc.mean())})
@@ -181,18 +193,19 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
     return result
 
 
-def next_best_method(root: str | Path, target: str, baseline: str) -> str | None:
-    """The method with the best target validation accuracy other than `baseline`, or None.
+def next_best_method(root: str | Path, target: str, baseline: str, key: str = "val_acc") -> str | None:
+    """The method with the best target validation accuracy (`key`) other than `baseline`, or None.
 
     Read from models/target/<target>/selection.json (the `finetune` stage's record); only
-    methods whose target model is on disk (config.json) count. Ties: the first listed.
+    methods whose target model is on disk (config.json) count. Ties: the first listed. An
+    unlabelled target has no validation accuracy: its methods are ranked by `silhouette`.
     """
     folder = Path(root) / TARGET_DIR / target
     try:
         methods = json.loads((folder / SELECTION_FILE).read_text()).get("methods", {})
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
-    ranked = [(float(m.get("val_acc", float("-inf"))), -i, name) for i, (name, m) in enumerate(methods.items())
+    ranked = [(float(m.get(key, float("-inf"))), -i, name) for i, (name, m) in enumerate(methods.items())
               if name != baseline and isinstance(m, dict) and (folder / name / "config.json").is_file()]
     return max(ranked)[2] if ranked else None
 
@@ -267,13 +280,9 @@ def promote_targets(root: str | Path, targets: list[str] | None = None, settings
     if targets is None:
         if params.finetune is None:
             raise RegistryError(f"{root / 'params.yaml'}: no `finetune` section, so no targets; pass --target")
-        # Unlabelled targets (finetune.unlabeled) ship cluster models, which the accuracy gates cannot
-        # score: they are not registered, so there is nothing to promote (docs/guide.md).
-        unlabeled = set(getattr(params.finetune, "unlabeled", None) or {})
-        skipped = [t for t in params.finetune.targets if t in unlabeled]
-        if skipped:
-            log.info("not promoting unlabelled target(s) %s: their cluster models are not registered", skipped)
-        targets = [t for t in params.finetune.targets if t not in unlabeled]
+        # Unlabelled targets too: their cluster models are gated on hidden labels or answered
+        # `needs_review` (registry/unlabeled.py).
+        targets = list(params.finetune.targets)
     settings = settings or gate_settings(params)
     results = []
     for target in targets:

@@ -41,6 +41,15 @@ def validation_table(entry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def class_tags(names: list[str]) -> dict[str, str]:
+    """The version tags naming a target model's classes in label order: `class_names` (as served in
+    `class_name`) and `class_names_full` (as in the data), JSON lists; {} without names."""
+    if not names:
+        return {}
+    return {"class_names": json.dumps(display_names(names), ensure_ascii=False),
+            "class_names_full": json.dumps(list(names), ensure_ascii=False)}
+
+
 def register_finetune_result(root: str | Path, target: str, entry: dict[str, Any], model_uri: str,
                              learner_uri: str | None, run_id: str = "",
                              class_names: list[str] | None = None) -> dict[str, Any]:
@@ -84,11 +93,9 @@ def register_finetune_result(root: str | Path, target: str, entry: dict[str, Any
         tags[LEARNER_TAG] = lv
     names = list(class_names or tracking.target_class_names(Path(root) / TARGET_DIR / target / chosen))
     short = display_names(names)
-    class_tags = {"class_names": json.dumps(short, ensure_ascii=False),
-                  "class_names_full": json.dumps(names, ensure_ascii=False)} if names else {}
     classes = ("Classes (index: name, as served in `class_name`): "
                + ", ".join(f"{i}: {n}" for i, n in enumerate(short)) + ".\n\n") if names else ""
-    mv = register_version(client, model_uri, model_name(target), {**tags, **class_tags, "kind": "target_model"},
+    mv = register_version(client, model_uri, model_name(target), {**tags, **class_tags(names), "kind": "target_model"},
                           f"Target model for `{target}` fine-tuned from `{chosen}` ({entry.get('reason', '')}).\n\n"
                           f"{classes}Target validation evidence:\n\n{table}\n")
     out["model"] = {"name": model_name(target), "version": mv}

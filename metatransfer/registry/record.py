@@ -25,8 +25,10 @@ DECISIONS_PATH = PROMOTION_RECORD  # latest decision per target (read by metatra
 class PromotionResult:
     """The outcome of one promotion attempt.
 
-    decision: "promoted", "rejected" or "already_champion" ("no_challenger" from promote_targets);
-    `forced` marks a promotion by `force_promote` (the reason is then the person's).
+    decision: "promoted", "rejected" or "already_champion" ("no_challenger" from promote_targets;
+    "needs_review" for the cluster model of an unlabelled target without hidden labels to score it on:
+    only a person's `force_promote` moves it); `forced` marks a promotion by `force_promote` (the reason
+    is then the person's).
     """
 
     target: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from metatransfer.tracking.record import log_dict, set_tags
 
@@ -38,13 +39,14 @@ def _quiet_model_logging() -> None:
 
 
 def log_target_model(folder: str | Path, channels: int, size: int, n_classes: int, name: str = "target_model",
-                     registered_model_name: str | None = None) -> str:
+                     registered_model_name: str | None = None, metadata: dict[str, Any] | None = None) -> str:
     """Log a fine-tuned target model (safetensors folder) as a pyfunc model with a signature.
 
     The model's class names (from the folder's config.json, label order) go into the
     MLmodel metadata (`class_names`: full names, `class_labels`: as served in `class_name`)
     so that whoever loads the model, or looks at it in the MLflow UI, sees which index
-    is which class.
+    is which class. A cluster model of an unlabelled target is logged the same way (its
+    classes are `cluster_0` ..); `metadata` adds keys such as its kind and k.
 
     Returns:
         The logged model's URI (models:/<model id>).
@@ -70,7 +72,8 @@ def log_target_model(folder: str | Path, channels: int, size: int, n_classes: in
     info = mlflow.pyfunc.log_model(
         name=name, loader_module=target_model.__name__, data_path=str(folder),  # data only, no code (artifacts.py)
         signature=signature, pip_requirements=_requirements(), registered_model_name=registered_model_name,
-        metadata={"class_names": names, "class_labels": display_names(names)} if names else None,
+        metadata={**({"class_names": names, "class_labels": display_names(names)} if names else {}),
+                  **(metadata or {})} or None,
     )
     return info.model_uri
 
