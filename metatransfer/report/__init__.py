@@ -3,7 +3,8 @@
     python -m metatransfer.report [--params params.yaml]
 
 Modules: `inputs` reads what the pipeline wrote; `sections` turns it into table
-rows; `page` renders the jinja2 template (templates/report.html.j2, autoescaped)
+rows (`status`: a target's registry badge; `unlabeled`: the card of a target
+clustered without labels); `page` renders the jinja2 template (templates/report.html.j2, autoescaped)
 and writes the page; `ui` starts or locates the MLflow and Prefect UIs for the
 CLI. The names below are the package's public interface.
 """

@@ -1,6 +1,8 @@
-"""Numbers as the report prints them (plain text: the template escapes)."""
+"""Numbers as the report prints them, and table cells (plain text: the template escapes)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from metatransfer.evaluation.stats import MeanCI
 
@@ -43,3 +45,8 @@ def majority_reference(counts: list[int]) -> tuple[int, float] | None:
         return None
     label = max(range(len(counts)), key=lambda i: (counts[i], -i))
     return label, counts[label] / total
+
+
+def cell(text: Any, cls: str = "", title: Any = None, style: str = "") -> dict[str, Any]:
+    """One table cell; empty attributes are left out of the markup."""
+    return {"text": text, "cls": cls, "title": title, "style": style}

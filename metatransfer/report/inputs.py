@@ -114,6 +114,7 @@ class ReportInputs:
     class_names: dict[str, list[str]] = field(default_factory=dict)  # target -> full class names, label order
     class_counts: dict[str, ClassCounts] = field(default_factory=dict)  # target -> images per class and split
     finetune_caps: dict[str, int] = field(default_factory=dict)  # {"train": shots_per_class, "val": val_per_class}
+    input_shapes: dict[str, dict[str, int]] = field(default_factory=dict)  # heterogeneous target -> `input_shape`
 
 
 def collect_inputs(root: Path, params: Params | None) -> ReportInputs:
@@ -133,7 +134,8 @@ def collect_inputs(root: Path, params: Params | None) -> ReportInputs:
         if sel is not None:
             selections[target] = sel
     evaluate = read_json(root / "metrics" / "evaluate.json")
-    class_names = {t: names for t in selections if (names := _class_names(root, t, selections[t], evaluate))}
+    configs = {t: _chosen_config(root, t, sel) for t, sel in selections.items()}
+    class_names = {t: names for t in selections if (names := _class_names(t, configs[t], evaluate))}
     prepared = root / (params.data.prepared_dir if params is not None else "data/prepared")
     counts = {t: c for t in targets if (c := class_counts(prepared, t)) is not None}
     sets: dict[str, dict[str, Any]] = {}
@@ -157,6 +159,7 @@ def collect_inputs(root: Path, params: Params | None) -> ReportInputs:
         class_names=class_names,
         class_counts=counts,
         finetune_caps={"train": ft.shots_per_class, "val": ft.val_per_class} if ft is not None else {},
+        input_shapes={t: shape for t, config in configs.items() if (shape := input_shape(config))},
     )
 
 
@@ -172,23 +175,47 @@ def _figures(plots: Path) -> list[tuple[str, bytes]]:
     return figures
 
 
-def _class_names(root: Path, target: str, selection: dict[str, Any], evaluate: dict[str, Any] | None) -> list[str]:
+def _chosen_config(root: Path, target: str, selection: dict[str, Any]) -> dict[str, Any]:
+    """The config.json of a target's chosen model ({} when missing or unreadable: the page then shows less)."""
+    chosen = selection.get("chosen")
+    config = root / "models" / "target" / target / str(chosen) / "config.json"
+    if not chosen or not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("%s: not readable JSON; the report shows no class names or input shape for %s", config, target)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _class_names(target: str, config: dict[str, Any], evaluate: dict[str, Any] | None) -> list[str]:
     """A target's class names in label order: from metrics/evaluate.json, else from the chosen
     model's config.json (so the card names the classes before `evaluate` has run); [] when neither has them."""
     names = (((evaluate or {}).get("target_models") or {}).get(target) or {}).get("class_names")
     if isinstance(names, list) and names:
         return [str(n) for n in names]
-    chosen = selection.get("chosen")
-    config = root / "models" / "target" / target / str(chosen) / "config.json"
-    if chosen and config.is_file():
-        try:
-            names = json.loads(config.read_text(encoding="utf-8")).get("class_names")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            log.warning("%s: not readable JSON; the report shows no class names for %s", config, target)
-            return []
-        if isinstance(names, list):
-            return [str(n) for n in names]
-    return []
+    names = config.get("class_names")
+    return [str(n) for n in names] if isinstance(names, list) else []
+
+
+def input_shape(config: dict[str, Any]) -> dict[str, int] | None:
+    """Where a heterogeneous target model records its input adapter: config.json's `input` (the target's
+    channels and size, written by `TargetModel.config` only when they differ from the backbone's) beside
+    `backbone` (its in_channels and image_size).
+
+    Returns:
+        {"channels", "image_size", "backbone_channels", "backbone_size"}, or None for a model at the
+        backbone's own shape (no `input` key) or a config without these keys.
+    """
+    given, backbone = config.get("input"), config.get("backbone")
+    if not isinstance(given, dict) or not isinstance(backbone, dict):
+        return None
+    try:
+        return {"channels": int(given["channels"]), "image_size": int(given["image_size"]),
+                "backbone_channels": int(backbone["in_channels"]), "backbone_size": int(backbone["image_size"])}
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def class_counts(prepared_dir: Path, target: str) -> ClassCounts | None:

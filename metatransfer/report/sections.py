@@ -10,17 +10,13 @@ import base64
 from typing import Any
 
 from metatransfer.classnames import display_names
-from metatransfer.report.formatting import fmt_acc_ci, fmt_diff, fmt_pct, majority_reference
+from metatransfer.report.formatting import cell, fmt_acc_ci, fmt_diff, fmt_pct, majority_reference
 from metatransfer.report.inputs import ClassCounts, ReportInputs, promotion_records
+from metatransfer.report.status import SHIPPED_DECISIONS, target_status
+from metatransfer.report.unlabeled import unlabeled_card
 
-SHIPPED_DECISIONS = ("promoted", "already_champion")  # the challenger holds the `champion` alias
 META_COLUMNS = (("best_val_acc", "best val acc (%)"), ("best_step", "best step"), ("steps", "steps"),
                 ("seconds", "seconds"), ("faults", "faults"), ("budget_hit", "ended by"))
-
-
-def cell(text: Any, cls: str = "", title: Any = None, style: str = "") -> dict[str, Any]:
-    """One table cell; empty attributes are left out of the markup."""
-    return {"text": text, "cls": cls, "title": title, "style": style}
 
 
 def _ordered(keys: list[str], preferred: Any) -> list[str]:
@@ -38,43 +34,6 @@ def _gate_cell(gate: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- target models
-
-
-def target_status(record: dict[str, Any] | None, facts: dict[str, Any]) -> dict[str, str]:
-    """What happened to a target's chosen model: the badge follows the registry's decision.
-
-    Args:
-        record: the target's latest record in reports/promotion.json (None: no decision yet).
-        facts: the target's finetune facts from reports/run_facts.json (registered version, refusal).
-
-    Returns:
-        {"state": "shipped" | "selected" | "rejected" | "rolled-back", "badge": its word,
-         "text": one sentence saying why}.
-    """
-    if facts.get("refused"):  # never registered, so never a challenger: the refusal is shown below the title
-        return {"state": "rejected", "badge": "refused", "text": ""}
-    if record is None:
-        return {"state": "selected", "badge": "selected",
-                "text": "Selected by fine-tuning; not promoted: no promotion decision yet (metatransfer promote)."}
-    decision = str(record.get("decision", ""))
-    reason = str(record.get("reason") or "no reason recorded")
-    challenger = record.get("challenger")
-    registered = ((facts.get("registered") or {}).get("model") or {}).get("version")
-    if registered and challenger and str(challenger) != str(registered) and decision != "rolled_back":
-        return {"state": "selected", "badge": "selected",
-                "text": f"Selected by fine-tuning (v{registered}); not promoted yet: the latest promotion "
-                        f"decision ({decision}) concerns v{challenger}."}
-    before, after = record.get("champion_before"), record.get("champion_after")
-    if decision in SHIPPED_DECISIONS:
-        return {"state": "shipped", "badge": "shipped", "text": f"Promoted: champion v{after or challenger}. {reason}"}
-    if decision == "rejected":
-        stays = (f"The champion stays v{before}." if before
-                 else "There is no champion: nothing is served for this target.")
-        return {"state": "rejected", "badge": "rejected", "text": f"Promotion rejected: {reason}. {stays}"}
-    if decision == "rolled_back":
-        return {"state": "rolled-back", "badge": "rolled back",
-                "text": f"Champion rolled back from v{before} to v{after}."}
-    return {"state": "selected", "badge": "selected", "text": f"Not promoted ({decision}): {reason}"}
 
 
 def _method_rows(methods: dict[str, Any], chosen: str, mark: str, names: list[str], short: list[str],
@@ -182,45 +141,24 @@ def _confusion_table(cm: Any, names: list[str], short: list[str]) -> dict[str, A
     return {"columns": list(zip(names, short)), "rows": rows}
 
 
-def unlabeled_card(target: str, sel: dict[str, Any], scores: dict[str, Any]) -> dict[str, Any]:
-    """The card of a target clustered without labels (selection.json has "unlabeled"): what was done,
-    per method k, train silhouette and, once evaluated, NMI / ARI / matched accuracy against the hidden
-    test labels. The keys of a labelled card are there, empty, for the template.
+def adapter_sentence(shape: dict[str, int] | None) -> str:
+    """What a heterogeneous target's input adapter does, from its chosen model's config.json ("" for a
+    target at the backbone's shape).
 
     Args:
-        target: the target.
-        sel: its selection.json.
-        scores: its entry of metrics/evaluate.json "unlabeled_targets" ({} before evaluate).
+        shape: {"channels", "image_size"} of the target's images and {"backbone_channels",
+            "backbone_size"} of the backbone (`inputs.input_shape`), or None.
     """
-    info = sel.get("unlabeled") or {}
-    chosen = str(sel.get("chosen") or "?")
-    k = info.get("k", "?")
-    steps = info.get("self_training_steps") or 0
-    done = (f"batch-norm statistics re-estimated on the {info.get('images', '?')} train images, "
-            f"soft k-means{' (k chosen by silhouette)' if info.get('select_k') else ''}"
-            + (f", then {steps} self-training steps on confident pseudo-labels" if steps else ""))
-    scored = ("scored against hidden labels (those of the test split, used for scoring only)" if scores
-              else "scores against hidden labels appear after dvc repro evaluate")
-    rows = []
-    for m, r in (sel.get("methods") or {}).items():
-        ev = (scores.get("methods") or {}).get(m) or {}
-        rows.append({"cls": "chosen" if m == chosen else "", "cells": [
-            cell(f"{m} (selected)" if m == chosen else m), cell(r.get("k", "–")),
-            cell(f"{r['silhouette']:.3f}" if isinstance(r.get("silhouette"), (int, float)) else "–"),
-            *[cell(f"{ev[key]:.3f}" if key in ev else "–") for key in ("nmi", "ari")],
-            cell(fmt_pct(ev.get("matched_acc")) if "matched_acc" in ev else "–"),
-            cell(fmt_pct(ev.get("majority_rate")) if "majority_rate" in ev else "–")]})
-    names = [f"cluster_{i}" for i in range(k)] if isinstance(k, int) else []
-    return {
-        "target": target, "chosen": chosen, "mark": "selected",
-        "status": {"state": "selected", "badge": "no labels",
-                   "text": "Clustered without labels; not registered (the quality and promotion gates need labels)."},
-        "reason": sel.get("reason") or "", "refused": "", "model_uri": "", "registered": "",
-        "classes": list(zip(names, names)), "weakest": False, "rows": [], "references": None,
-        "evaluated": bool(scores), "counts": None, "caps": "", "recall": None, "confusion": None,
-        "unlabeled": {"sentence": f"No labels were used for training; k={k}, clustering in the {chosen} embedding; "
-                                  f"{scored}.", "done": done, "rows": rows},
-    }
+    if not shape:
+        return ""
+    c, s, bc, bs = shape["channels"], shape["image_size"], shape["backbone_channels"], shape["backbone_size"]
+    size = (f"resolution {s} px → {bs} px of the backbone, handled by adaptive pooling" if s != bs else
+            f"resolution {s} px, as the backbone (adaptive pooling handles any other)")
+    if c == bc:
+        return (f"Heterogeneous input: no channel adapter needed ({c} channel{'s' * (c > 1)} on both sides); "
+                f"{size}.")
+    return (f"Heterogeneous input: an input adapter was trained with the target model: channels {c} → {bc} "
+            f"(a learned 1×1 convolution, started as the fixed conversion prepare applies); {size}.")
 
 
 def target_cards(inp: ReportInputs) -> list[dict[str, Any]]:
@@ -230,12 +168,13 @@ def target_cards(inp: ReportInputs) -> list[dict[str, Any]]:
     cards = []
     for target in dict.fromkeys([*inp.selections, *targets_ev]):
         sel = inp.selections.get(target, {})
+        facts = (inp.run_facts.get("finetune") or {}).get(target) or {}
         if "unlabeled" in sel:  # clustered without labels: its own card
-            cards.append(unlabeled_card(target, sel, ((inp.evaluate or {}).get("unlabeled_targets") or {}).get(target) or {}))
+            scores = ((inp.evaluate or {}).get("unlabeled_targets") or {}).get(target) or {}
+            cards.append(unlabeled_card(target, sel, scores, records.get(target), facts))
             continue
         tev = targets_ev.get(target, {})
         chosen = sel.get("chosen") or tev.get("chosen") or "?"
-        facts = (inp.run_facts.get("finetune") or {}).get(target) or {}
         status = target_status(records.get(target), facts)
         mark = "shipped" if status["state"] == "shipped" else "selected"
         reg = (facts.get("registered") or {}).get("model") or {}
@@ -253,6 +192,7 @@ def target_cards(inp: ReportInputs) -> list[dict[str, Any]]:
         cards.append({
             "target": target, "chosen": chosen, "mark": mark, "status": status,
             "reason": sel.get("reason") or tev.get("reason") or "",
+            "adapter": adapter_sentence(inp.input_shapes.get(target)),
             "refused": facts.get("refused") or "",
             "model_uri": sel.get("model_uri") or facts.get("model_uri") or "",  # older selection.json held it
             "registered": f" registered as {reg.get('name')} v{reg.get('version')}" if reg else "",
