@@ -12,7 +12,8 @@
 Every command works on the project in `--root` (default: the current
 folder: params.yaml, data/prepared, models/target and the MLflow store
 `mlflow.db`, or $MLFLOW_TRACKING_URI). Exit codes: 0 done (a rejected
-challenger is a done promotion), 1 an error meant for people (message
+challenger, or an unlabelled target's `needs_review` that waits for a
+person's `--force --reason`, is a done promotion), 1 an error meant for people (message
 printed, no traceback), 2 bad usage.
 """
 

@@ -34,6 +34,8 @@ def promote(root: str, parent_run_id: str | None = None, targets: list[str] | No
     A target whose challenger is already champion, or that has none (finetune
     did not run), is reported, not failed; a challenger that is the baseline
     method itself is judged against the next-best method (`registry.promote`).
+    An unlabelled target without test labels answers `needs_review`: the champion
+    stays until a person decides (docs/registry.md, "Unlabelled targets").
     Never forced: a promotion without the gate is a person's `metatransfer
     promote --force --reason`. The decision runs are children of
     `parent_run_id` (the pipeline's MLflow run).
