@@ -17,16 +17,16 @@ paper does. BatchNorm uses per-batch statistics (see `_inner.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from metatransfer.algorithms import _inner
 from metatransfer.algorithms.base import Hparams
 from metatransfer.algorithms.maml import MAML
+from metatransfer.config import Bool, Float, Int
 
 
-@dataclass(frozen=True)
 class ANILHparams(Hparams):
     """ANIL's hyper-parameters (MAML's Omniglot 5-way defaults, as in Raghu et al.).
 
@@ -37,10 +37,11 @@ class ANILHparams(Hparams):
         first_order: drop second-order terms of the head updates.
     """
 
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 3
-    first_order: bool = False
+    error_where: ClassVar[str] = "meta_train.hparams.anil"
+    inner_lr: Float = 0.4
+    inner_steps: Int = 1
+    eval_inner_steps: Int = 3
+    first_order: Bool = False
 
 
 class ANIL(MAML):

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from metatransfer.config import finite_float
+from metatransfer.config import ConfigModel
 from metatransfer.episodes import Episode
-from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -41,52 +40,39 @@ class StepResult:
     acc: float
 
 
-@dataclass(frozen=True)
-class Hparams:
-    """Base of every algorithm's hyper-parameters; subclasses add fields with defaults."""
+class Hparams(ConfigModel):
+    """Base of every algorithm's hyper-parameters: a frozen pydantic model (metatransfer/config/build.py).
+
+    Subclasses add fields with defaults, typed `Int`/`Float`/`Bool`/`Str`, with `bounded`
+    ranges and `Literal` choices, and set `error_where` to their params key
+    ("meta_train.hparams.<name>"), which errors of a direct construction name.
+    """
+
+    error_where: ClassVar[str] = "meta_train.hparams"
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any] | None, where: str) -> "Hparams":
-        """Build from a params.yaml mapping, refusing unknown keys and wrong types.
+        """Build from a params.yaml mapping, refusing unknown keys, wrong types and values out of range.
 
         Args:
             values: the mapping (None means all defaults).
             where: the params key path, for messages (e.g. "meta_train.hparams.maml").
+
+        Raises:
+            ConfigError: naming `<where>.<key>`, what was expected and what was found.
         """
-        values = dict(values or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown key(s) {unknown}; valid keys: {sorted(known)}"
-            )
-        for key, value in values.items():
-            expected = known[key].type
-            expected = expected if isinstance(expected, str) else expected.__name__
-            ok = {
-                "int": isinstance(value, int) and not isinstance(value, bool),
-                "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-                "bool": isinstance(value, bool),
-                "str": isinstance(value, str),
-            }.get(expected, True)
-            if not ok:
-                raise ConfigError(
-                    f"{where}.{key}: expected {expected}, found {type(value).__name__} ({value!r})"
-                )
-            if expected == "float":
-                values[key] = finite_float(value, f"{where}.{key}")
-        return cls(**values)
+        return cls.build(values or {}, where)
 
     @classmethod
     def step_size_keys(cls) -> list[str]:
         """This algorithm's own step-size hyper-parameters (field names), for hints.
 
-        Read off the dataclass fields, so a hint can only name keys that exist:
+        Read off the model's fields, so a hint can only name keys that exist:
         float fields called `lr`, `*_lr`, `lr_*` or `*step_size*`.
         """
-        return [f.name for f in fields(cls)
-                if f.type in ("float", float)
-                and (f.name == "lr" or f.name.endswith("_lr") or f.name.startswith("lr_") or "step_size" in f.name)]
+        return [name for name, f in cls.model_fields.items()
+                if f.annotation is float
+                and (name == "lr" or name.endswith("_lr") or name.startswith("lr_") or "step_size" in name)]
 
 
 def learning_rate_keys(algorithm: str, hparams_class: type[Hparams]) -> list[str]:
@@ -165,7 +151,7 @@ class MetaLearner(nn.Module, ABC):
             "n_way": self.n_way,
             "num_classes": self.num_classes,
             "backbone": asdict(self.backbone_spec),
-            "hparams": asdict(self.hparams),
+            "hparams": self.hparams.model_dump(),
         }
 
 

@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import nn
 
 from metatransfer.algorithms import _adapt, _support_fit, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
+from metatransfer.config import Bool, Float, Int, bounded
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec, build_backbone
 
 
-@dataclass(frozen=True)
 class PretrainHparams(Hparams):
     """Hyper-parameters of supervised pre-training (shared by Baseline, BNAdapt, TIM).
 
@@ -46,10 +46,9 @@ class PretrainHparams(Hparams):
             et al.; TIM's pre-training uses 0.1).
     """
 
-    label_smoothing: float = 0.0
+    label_smoothing: Float = bounded(0.0, ge=0, lt=1)
 
 
-@dataclass(frozen=True)
 class BaselineHparams(PretrainHparams):
     """Baseline's hyper-parameters; adaptation defaults are Chen et al.'s.
 
@@ -64,14 +63,21 @@ class BaselineHparams(PretrainHparams):
             the same support set always gives the same predictor.
     """
 
-    finetune_backbone: bool = False
-    adapt_epochs: int = 100
-    adapt_batch_size: int = 4
-    adapt_lr: float = 0.01
-    adapt_momentum: float = 0.9
-    adapt_dampening: float = 0.9
-    adapt_weight_decay: float = 0.001
-    seed: int = 0
+    error_where: ClassVar[str] = "meta_train.hparams.baseline"
+    finetune_backbone: Bool = False
+    adapt_epochs: Int = bounded(100, ge=0)
+    adapt_batch_size: Int = 4
+    adapt_lr: Float = bounded(0.01, gt=0)
+    adapt_momentum: Float = bounded(0.9, ge=0)
+    adapt_dampening: Float = 0.9  # in [0, 1) unless adapt_momentum is 0 (below)
+    adapt_weight_decay: Float = bounded(0.001, ge=0)
+    seed: Int = 0
+
+    @model_validator(mode="after")
+    def _dampening_below_one(self) -> "BaselineHparams":
+        if not (0 <= self.adapt_dampening < 1 or self.adapt_momentum == 0):
+            raise ValueError(f"adapt_dampening: must be in [0, 1), found {self.adapt_dampening!r}")
+        return self
 
 
 def check_num_classes(num_classes: int, algorithm: str) -> None:
@@ -129,20 +135,6 @@ def global_targets(episodes: Sequence[Episode], num_classes: int) -> torch.Tenso
     return torch.cat(targets)
 
 
-def require_hparam(ok: bool, algorithm: str, key: str, rule: str, value: object) -> None:
-    """Raise a ConfigError naming the hyper-parameter when `ok` is False.
-
-    Args:
-        ok: the checked condition.
-        algorithm: catalog name (the params key is meta_train.hparams.<algorithm>.<key>).
-        key: the hyper-parameter.
-        rule: what it must be, e.g. "> 0".
-        value: what was found.
-    """
-    if not ok:
-        raise ConfigError(f"meta_train.hparams.{algorithm}.{key}: must be {rule}, found {value!r}")
-
-
 class Baseline(_adapt.SupportLearner):
     """Chen et al.'s Baseline: supervised pre-training, then a linear head per task.
 
@@ -162,24 +154,8 @@ class Baseline(_adapt.SupportLearner):
         _metric.check_hparams(hparams, self.hparams_class, self.name)
         check_num_classes(num_classes, self.name)
         super().__init__(backbone, n_way, hparams, num_classes)
-        self.check_hparams()
         self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
         self.head = self.make_head(self.backbone.out_dim, num_classes)
-
-    def check_hparams(self) -> None:
-        """Refuse out-of-range hyper-parameters (ConfigError naming the key)."""
-        hp = self.hparams
-        require_hparam(
-            0.0 <= hp.label_smoothing < 1.0, self.name, "label_smoothing", "in [0, 1)", hp.label_smoothing
-        )
-        if isinstance(hp, BaselineHparams):
-            require_hparam(hp.adapt_epochs >= 0, self.name, "adapt_epochs", ">= 0", hp.adapt_epochs)
-            require_hparam(hp.adapt_lr > 0, self.name, "adapt_lr", "> 0", hp.adapt_lr)
-            require_hparam(hp.adapt_momentum >= 0, self.name, "adapt_momentum", ">= 0", hp.adapt_momentum)
-            require_hparam(0 <= hp.adapt_dampening < 1 or hp.adapt_momentum == 0, self.name,
-                  "adapt_dampening", "in [0, 1)", hp.adapt_dampening)
-            require_hparam(hp.adapt_weight_decay >= 0, self.name, "adapt_weight_decay", ">= 0",
-                  hp.adapt_weight_decay)
 
     def make_head(self, in_dim: int, out_dim: int) -> nn.Module:
         """A linear classifier head (in_dim → out_dim logits)."""

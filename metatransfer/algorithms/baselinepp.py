@@ -21,7 +21,6 @@ thousands of classes to become confident without a learnable norm.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -29,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from metatransfer.algorithms.base import Hparams
-from metatransfer.algorithms.baseline import Baseline, BaselineHparams, require_hparam
+from metatransfer.algorithms.baseline import Baseline, BaselineHparams
+from metatransfer.config import Float, bounded
 
 
-@dataclass(frozen=True)
 class BaselinePPHparams(BaselineHparams):
     """Baseline's hyper-parameters plus the cosine scale.
 
@@ -40,7 +39,8 @@ class BaselinePPHparams(BaselineHparams):
         scale: multiplies the cosine similarity (logits lie in [-scale, scale]).
     """
 
-    scale: float = 10.0
+    error_where: ClassVar[str] = "meta_train.hparams.baselinepp"
+    scale: Float = bounded(10.0, gt=0)
 
 
 class CosineHead(nn.Module):
@@ -73,11 +73,6 @@ class BaselinePP(Baseline):
 
     name: ClassVar[str] = "baselinepp"
     hparams_class: ClassVar[type[Hparams]] = BaselinePPHparams
-
-    def check_hparams(self) -> None:
-        """Baseline's checks plus scale > 0."""
-        super().check_hparams()
-        require_hparam(self.hparams.scale > 0, self.name, "scale", "> 0", self.hparams.scale)
 
     def make_head(self, in_dim: int, out_dim: int) -> nn.Module:
         """A cosine head with the configured scale."""

@@ -19,7 +19,6 @@ weights θ are never changed.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -27,9 +26,9 @@ import torch
 from metatransfer.algorithms import _adapt, _support_fit
 from metatransfer.algorithms.base import Hparams, Predictor
 from metatransfer.algorithms.baseline import Baseline, BaselineHparams
+from metatransfer.config import Bool
 
 
-@dataclass(frozen=True)
 class BNAdaptHparams(BaselineHparams):
     """Baseline's hyper-parameters plus which images give the statistics.
 
@@ -38,7 +37,8 @@ class BNAdaptHparams(BaselineHparams):
             for the statistics; without `unlabeled_x` the support alone is used.
     """
 
-    include_support: bool = True
+    error_where: ClassVar[str] = "meta_train.hparams.bn_adapt"
+    include_support: Bool = True
 
 
 class BNAdapt(Baseline):

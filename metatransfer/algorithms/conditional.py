@@ -43,27 +43,26 @@ the weights, so a loaded learner encodes a new target's words as it was trained.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from metatransfer.algorithms import _adapt, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult
-from metatransfer.algorithms.tadam import Film, film_batch_norm, meta_batch_film
+from metatransfer.algorithms.tadam import Film, FilmHeads, FilmLearner, film_meta_learn
+from metatransfer.config import Bool, Float, Int, bounded
 from metatransfer.descriptions import NO_DESCRIPTION, PAD, Vocabulary, build_vocabulary
 from metatransfer.episodes import Episode
-from metatransfer.errors import ConfigError, EpisodeError
-from metatransfer.models import BackboneSpec, build_backbone
-from metatransfer.models.conv4 import Conv4
+from metatransfer.errors import ConfigError
+from metatransfer.models import BackboneSpec
 
 FUSIONS = ("attention", "mean")
 
 Description = Mapping[str, str]
 
 
-@dataclass(frozen=True)
 class ConditionalHparams(Hparams):
     """Hyper-parameters of the conditional learner.
 
@@ -80,46 +79,26 @@ class ConditionalHparams(Hparams):
         film_l2: L2 penalty weight on the FiLM post-multipliers λ (>= 0).
     """
 
-    use_description: bool = True
-    fusion: str = "attention"
-    heads: int = 2
-    dim: int = 64
-    vocab_size: int = 256
-    hash_buckets: int = 256
-    max_tokens: int = 32
-    metric_scale_init: float = 1.0
-    learn_metric_scale: bool = True
-    film_l2: float = 0.01
+    error_where: ClassVar[str] = "meta_train.hparams.conditional"
+    use_description: Bool = True
+    fusion: Literal[FUSIONS] = "attention"  # type: ignore[valid-type]
+    heads: Int = bounded(2, ge=1)
+    dim: Int = bounded(64, ge=1)
+    vocab_size: Int = bounded(256, ge=1)
+    hash_buckets: Int = bounded(256, ge=1)
+    max_tokens: Int = bounded(32, ge=1)
+    metric_scale_init: Float = bounded(1.0, gt=0)
+    learn_metric_scale: Bool = True
+    film_l2: Float = bounded(0.01, ge=0)
 
-    @classmethod
-    def from_mapping(cls, values: dict | None, where: str) -> "ConditionalHparams":
-        """`Hparams.from_mapping` plus the range checks, so params.yaml mistakes fail at check_params."""
-        hp = super().from_mapping(values, where)
-        assert isinstance(hp, ConditionalHparams)
-        check_conditional_hparams(hp, where)
-        return hp
-
-
-def check_conditional_hparams(hp: ConditionalHparams, where: str = "meta_train.hparams.conditional") -> None:
-    """Range checks that types cannot express.
-
-    Raises:
-        ConfigError: naming `<where>.<key>`, the allowed values and the value found.
-    """
-    if hp.fusion not in FUSIONS:
-        raise ConfigError(f"{where}.fusion: must be one of {list(FUSIONS)}, found {hp.fusion!r}")
-    for key in ("heads", "dim", "vocab_size", "hash_buckets", "max_tokens"):
-        if getattr(hp, key) < 1:
-            raise ConfigError(f"{where}.{key}: must be >= 1, found {getattr(hp, key)}")
-    if hp.dim % hp.heads:
-        raise ConfigError(f"{where}.heads: must divide dim ({hp.dim}), found {hp.heads}; e.g. heads: 2 or 4")
-    if hp.metric_scale_init <= 0:
-        raise ConfigError(f"{where}.metric_scale_init: expected a positive number, found {hp.metric_scale_init}")
-    if hp.film_l2 < 0:
-        raise ConfigError(f"{where}.film_l2: expected a number >= 0, found {hp.film_l2}")
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> "ConditionalHparams":
+        if self.dim % self.heads:
+            raise ValueError(f"heads: must divide dim ({self.dim}), found {self.heads}; e.g. heads: 2 or 4")
+        return self
 
 
-class FilmGenerator(nn.Module):
+class FilmGenerator(FilmHeads):
     """Set tokens (class prototypes) + description token ids → FiLM (γ, β) per conv block.
 
     Args:
@@ -138,15 +117,8 @@ class FilmGenerator(nn.Module):
         if hp.fusion == "attention":
             self.task_query = nn.Parameter(torch.randn(1, 1, hp.dim) * hp.dim**-0.5)
             self.attention = nn.MultiheadAttention(hp.dim, hp.heads, batch_first=True)
-
-        def mlp(width: int) -> nn.Sequential:
-            return nn.Sequential(nn.Linear(hp.dim, width), nn.ReLU(), nn.Linear(width, width))
-
-        self.gamma_nets = nn.ModuleList(mlp(c) for c in channels)
-        self.beta_nets = nn.ModuleList(mlp(c) for c in channels)
-        # Post-multipliers λ (TADAM): 0 at the start, so FiLM starts as the identity.
-        self.gamma_scale = nn.Parameter(torch.zeros(len(channels)))
-        self.beta_scale = nn.Parameter(torch.zeros(len(channels)))
+        # TADAM's heads, created after the layers above (their initialisation draws come first).
+        self.build_heads(hp.dim, channels)
 
     def task_vector(self, prototypes: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Fuse the set and description tokens into one task vector (1, dim).
@@ -167,18 +139,10 @@ class FilmGenerator(nn.Module):
 
     def forward(self, prototypes: torch.Tensor, token_ids: torch.Tensor) -> Film:
         """[(γ_l, β_l)], each (1, C_l): γ_l = 1 + λ_γ,l G_l(t), β_l = λ_β,l B_l(t)."""
-        task = self.task_vector(prototypes, token_ids)
-        return [
-            (1.0 + self.gamma_scale[i] * g(task), self.beta_scale[i] * b(task))
-            for i, (g, b) in enumerate(zip(self.gamma_nets, self.beta_nets))
-        ]
-
-    def penalty(self) -> torch.Tensor:
-        """Σ λ² over the post-multipliers."""
-        return self.gamma_scale.pow(2).sum() + self.beta_scale.pow(2).sum()
+        return self.film(self.task_vector(prototypes, token_ids))
 
 
-class Conditional(_adapt.MetricLearner):
+class Conditional(FilmLearner):
     """Description- and support-conditioned prototypical network (Conv-4 backbone).
 
     Attributes:
@@ -197,22 +161,9 @@ class Conditional(_adapt.MetricLearner):
     ) -> None:
         _metric.check_hparams(hparams, ConditionalHparams, self.name)
         assert isinstance(hparams, ConditionalHparams)
-        check_conditional_hparams(hparams)
-        if backbone.name != "conv4":
-            raise ConfigError(
-                f"conditional: FiLM conditioning is implemented for the conv4 backbone only; model.name is "
-                f"{backbone.name!r}. Set model.name: conv4 or drop 'conditional' from meta_train.algorithms"
-            )
         super().__init__(backbone, n_way, hparams, num_classes)
-        self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
-        assert isinstance(self.backbone, Conv4)
-        channels = [block[0].out_channels for block in self.backbone.encoder]
-        self.generator = FilmGenerator(self.backbone.out_dim, channels, hparams)
-        scale = torch.tensor(float(hparams.metric_scale_init))
-        if hparams.learn_metric_scale:
-            self.metric_scale = nn.Parameter(scale)
-        else:
-            self.register_buffer("metric_scale", scale)
+        self.generator = FilmGenerator(self.backbone.out_dim, self.block_channels(), hparams)
+        self.init_metric_scale(hparams.metric_scale_init, hparams.learn_metric_scale)
         self.register_buffer("vocab_hashes", torch.full((hparams.vocab_size,), -1, dtype=torch.int64))
         self._description: Description | None = None
         self._source_ranges: list[tuple[int, int]] = []
@@ -270,16 +221,6 @@ class Conditional(_adapt.MetricLearner):
         return torch.tensor(ids, dtype=torch.int64, device=self.vocab_hashes.device)
 
     # ------------------------------------------------------------------ model
-    def features(self, images: torch.Tensor, film: Film | None = None) -> torch.Tensor:
-        """Flattened Conv-4 features, FiLM-modulated after each block's BatchNorm (None: plain forward)."""
-        if film is None:
-            return self.backbone(images)
-        x = images
-        for block, (gamma, beta) in zip(self.backbone.encoder, film):
-            conv, norm, relu, pool = block
-            x = pool(relu(film_batch_norm(norm, conv(x), gamma, beta)))
-        return x.flatten(1)
-
     def task_film(
         self, support_emb: torch.Tensor, support_y: torch.Tensor, n_way: int, token_ids: torch.Tensor
     ) -> Film:
@@ -287,35 +228,20 @@ class Conditional(_adapt.MetricLearner):
         prototypes = _metric.class_means(support_emb, support_y, n_way)
         return self.generator(prototypes, token_ids)
 
-    def logits(self, query_emb: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        """Scaled negative squared distances -α ||q - c_k||² (Q, N)."""
-        return -self.metric_scale * _metric.squared_distances(query_emb, prototypes)
-
     def meta_learn(self, episodes: Sequence[Episode]) -> StepResult:
         """Back-propagate the mean query cross-entropy (+ the FiLM L2 penalty), TADAM's two passes.
 
         Each episode is conditioned on its own source's description (see the module docstring).
         """
-        if not episodes:
-            raise EpisodeError("meta_learn: the meta-batch is empty; pass at least one Episode")
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        for i, ep in enumerate(episodes):
-            _metric.check_labels(ep.support_y, ep.n_way, f"episode {i} support_y")
-        support = torch.cat([ep.support_x for ep in episodes]).to(device=device, dtype=dtype)
-        support_emb = self.features(support).to(dtype).split([ep.support_x.shape[0] for ep in episodes])
-        films = [
-            self.task_film(emb, ep.support_y.to(device), ep.n_way, self.token_ids(self.episode_description(ep)))
-            for emb, ep in zip(support_emb, episodes)
-        ]
-        film = meta_batch_film(films, episodes, device)
-        embedded = _metric.embed_episodes(lambda x: self.features(x, film), episodes, device, dtype)
-        logits = [
-            self.logits(q, _metric.class_means(s, ep.support_y.to(device), ep.n_way))
-            for (s, q), ep in zip(embedded, episodes)
-        ]
         hp = self.hparams
         assert isinstance(hp, ConditionalHparams)
-        return _metric.cross_entropy_step(logits, episodes, extra_loss=hp.film_l2 * self.generator.penalty())
+        dtype = _metric.module_dtype(self)
+
+        def task_film(support_emb: torch.Tensor, support_y: torch.Tensor, ep: Episode) -> Film:
+            ids = self.token_ids(self.episode_description(ep))
+            return self.task_film(support_emb.to(dtype), support_y, ep.n_way, ids)
+
+        return film_meta_learn(self, episodes, task_film, lambda: hp.film_l2 * self.generator.penalty())
 
     def support_scorer(self, support: _adapt.Support) -> Predictor:
         """Condition on the support set and the current description (`set_description`), then score.

@@ -12,13 +12,13 @@ Omniglot and MiniImagenet at about a third less compute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 from metatransfer.algorithms.base import Hparams
 from metatransfer.algorithms.maml import MAML
+from metatransfer.config import Float, Int
 
 
-@dataclass(frozen=True)
 class FOMAMLHparams(Hparams):
     """First-order MAML's hyper-parameters (the MAML paper's Omniglot 5-way defaults).
 
@@ -28,9 +28,10 @@ class FOMAMLHparams(Hparams):
         eval_inner_steps: inner steps in `adapt`.
     """
 
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 3
+    error_where: ClassVar[str] = "meta_train.hparams.fomaml"
+    inner_lr: Float = 0.4
+    inner_steps: Int = 1
+    eval_inner_steps: Int = 3
 
 
 class FOMAML(MAML):

@@ -16,16 +16,16 @@ BatchNorm uses per-batch statistics (see `_inner.py`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from metatransfer.algorithms import _inner
 from metatransfer.algorithms.base import Hparams, StepResult, episode_accuracy
+from metatransfer.config import Bool, Float, Int
 from metatransfer.episodes import Episode
 
 
-@dataclass(frozen=True)
 class MAMLHparams(Hparams):
     """MAML's hyper-parameters (Finn et al. 2017, Omniglot 5-way defaults).
 
@@ -36,10 +36,11 @@ class MAMLHparams(Hparams):
         first_order: drop second-order terms (FOMAML).
     """
 
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int = 3
-    first_order: bool = False
+    error_where: ClassVar[str] = "meta_train.hparams.maml"
+    inner_lr: Float = 0.4
+    inner_steps: Int = 1
+    eval_inner_steps: Int = 3
+    first_order: Bool = False
 
 
 class MAML(_inner.GradientLearner):

@@ -26,7 +26,6 @@ training forward holds every support and query image of the meta-batch;
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -35,12 +34,11 @@ from torch import nn
 
 from metatransfer.algorithms import _adapt, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult
+from metatransfer.config import Bool, Int, bounded
 from metatransfer.episodes import Episode
-from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec, build_backbone
 
 
-@dataclass(frozen=True)
 class MatchingNetHparams(Hparams):
     """Matching Networks hyper-parameters.
 
@@ -51,8 +49,9 @@ class MatchingNetHparams(Hparams):
             the paper does not fix K, 5 is our choice).
     """
 
-    fce: bool = False
-    fce_steps: int = 5
+    error_where: ClassVar[str] = "meta_train.hparams.matchingnet"
+    fce: Bool = False
+    fce_steps: Int = bounded(5, ge=1)
 
 
 class FullContextEmbedding(nn.Module):
@@ -135,10 +134,6 @@ class MatchingNet(_adapt.MetricLearner):
     ) -> None:
         _metric.check_hparams(hparams, MatchingNetHparams, self.name)
         assert isinstance(hparams, MatchingNetHparams)
-        if hparams.fce_steps < 1:
-            raise ConfigError(
-                f"matchingnet.fce_steps: expected an integer >= 1, found {hparams.fce_steps}"
-            )
         super().__init__(backbone, n_way, hparams, num_classes)
         self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
         self.fce: FullContextEmbedding | None = (

@@ -15,19 +15,19 @@ defaults here. BatchNorm uses per-batch statistics (see `_inner.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
 from metatransfer.algorithms import _inner
 from metatransfer.algorithms.base import Hparams
 from metatransfer.algorithms.maml import MAML
-from metatransfer.errors import ConfigError
+from metatransfer.config import Bool, Float, Int
 from metatransfer.models import BackboneSpec
 
 
-@dataclass(frozen=True)
 class MetaSGDHparams(Hparams):
     """Meta-SGD's hyper-parameters (Li et al. 2017).
 
@@ -38,11 +38,19 @@ class MetaSGDHparams(Hparams):
         first_order: treat inner gradients as constants (α still gets gradients).
     """
 
-    lr_init_low: float = 0.005
-    lr_init_high: float = 0.1
-    inner_steps: int = 1
-    eval_inner_steps: int = 1
-    first_order: bool = False
+    error_where: ClassVar[str] = "meta_train.hparams.metasgd"
+    lr_init_low: Float = 0.005
+    lr_init_high: Float = 0.1
+    inner_steps: Int = 1
+    eval_inner_steps: Int = 1
+    first_order: Bool = False
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> "MetaSGDHparams":
+        if self.lr_init_low > self.lr_init_high:
+            raise ValueError(f"lr_init_low: must be <= lr_init_high ({self.lr_init_high}), found "
+                             f"{self.lr_init_low}; swap them")
+        return self
 
 
 def lr_key(name: str) -> str:
@@ -59,9 +67,6 @@ class MetaSGD(MAML):
         n_way: head size for meta-training episodes.
         hparams: `MetaSGDHparams`.
         num_classes: unused.
-
-    Raises:
-        ConfigError: lr_init_low > lr_init_high.
     """
 
     name = "metasgd"
@@ -73,11 +78,6 @@ class MetaSGD(MAML):
     ) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
         low, high = self.hparams.lr_init_low, self.hparams.lr_init_high
-        if low > high:
-            raise ConfigError(
-                f"meta_train.hparams.metasgd: lr_init_low ({low}) must be <= "
-                f"lr_init_high ({high}); swap them"
-            )
         self.lrs = nn.ParameterDict(
             {
                 lr_key(name): nn.Parameter(torch.empty_like(p).uniform_(low, high))

@@ -16,7 +16,6 @@ with the running averages, as in the paper's reference code.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -27,9 +26,10 @@ from metatransfer.episodes import Episode
 from metatransfer.models import BackboneSpec, build_backbone
 
 
-@dataclass(frozen=True)
 class ProtoNetHparams(Hparams):
     """ProtoNet has no hyper-parameters of its own (the paper's squared Euclidean metric)."""
+
+    error_where: ClassVar[str] = "meta_train.hparams.protonet"
 
 
 class ProtoNet(_adapt.MetricLearner):

@@ -42,8 +42,7 @@ arg-max is the prediction; they are not log-probabilities).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +55,13 @@ from metatransfer.algorithms.base import (
     StepResult,
     episode_accuracy,
 )
+from metatransfer.config import Int, bounded
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec, build_backbone
 from metatransfer.models.conv4 import Conv4
 
 
-@dataclass(frozen=True)
 class RelationNetHparams(Hparams):
     """Relation Network hyper-parameters (paper defaults but `unpooled_blocks`).
 
@@ -75,9 +74,10 @@ class RelationNetHparams(Hparams):
             "mean" (keeps the scale when evaluation K differs from training K).
     """
 
-    unpooled_blocks: int = 1
-    fc_hidden: int = 8
-    class_pool: str = "sum"
+    error_where: ClassVar[str] = "meta_train.hparams.relationnet"
+    unpooled_blocks: Int = 1  # 0..the Conv-4 blocks: checked by RelationNet, which knows the backbone
+    fc_hidden: Int = bounded(8, ge=1)
+    class_pool: Literal["sum", "mean"] = "sum"
 
 
 def _relation_block(channels_in: int, channels_out: int, pool: bool) -> nn.Sequential:
@@ -169,12 +169,6 @@ class RelationNet(_adapt.MetricLearner):
     ) -> None:
         _metric.check_hparams(hparams, RelationNetHparams, self.name)
         assert isinstance(hparams, RelationNetHparams)
-        if hparams.class_pool not in ("sum", "mean"):
-            raise ConfigError(
-                f"relationnet.class_pool: expected 'sum' or 'mean', found {hparams.class_pool!r}"
-            )
-        if hparams.fc_hidden < 1:
-            raise ConfigError(f"relationnet.fc_hidden: expected an integer >= 1, found {hparams.fc_hidden}")
         super().__init__(backbone, n_way, hparams, num_classes)
         self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
         if isinstance(self.backbone, Conv4):

@@ -37,14 +37,15 @@ BatchNorm uses per-batch statistics (see `_inner.py`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import field_validator
 
 from metatransfer.algorithms import _inner
 from metatransfer.algorithms.base import Hparams, StepResult, episode_accuracy
+from metatransfer.config import Float, Int, bounded
 from metatransfer.episodes import Episode
-from metatransfer.errors import ConfigError
 from metatransfer.models import BackboneSpec
 
 INNER_OPTIMIZERS = ("adam", "sgd")
@@ -55,7 +56,6 @@ ADAM_EPS = 1e-8
 ADAPT_SEED = 0
 
 
-@dataclass(frozen=True)
 class ReptileHparams(Hparams):
     """Reptile's hyper-parameters (Nichol et al. 2018, Omniglot defaults).
 
@@ -69,12 +69,20 @@ class ReptileHparams(Hparams):
             at `meta_train.meta_lr` instead (see `Reptile.outer_optimizer`).
     """
 
-    inner_lr: float = 1e-3
-    inner_optimizer: str = "adam"
-    inner_steps: int = 5
-    eval_inner_steps: int = 50
-    inner_batch: int = 10
-    outer_step_size: float = 0.0
+    error_where: ClassVar[str] = "meta_train.hparams.reptile"
+    inner_lr: Float = 1e-3
+    inner_optimizer: Literal[INNER_OPTIMIZERS] = "adam"  # type: ignore[valid-type]
+    inner_steps: Int = 5
+    eval_inner_steps: Int = 50
+    inner_batch: Int = 10
+    outer_step_size: Float = bounded(0.0, ge=0, hint="0 = Adam at meta_train.meta_lr")
+
+    @field_validator("inner_batch")
+    @classmethod
+    def _batch_of_two(cls, value: int) -> int:
+        if value == 1 or value < 0:  # per-batch BatchNorm needs two examples
+            raise ValueError(f"must be 0 (full batch) or >= 2 (BatchNorm uses batch statistics), found {value}")
+        return value
 
 
 def _batches(
@@ -156,10 +164,6 @@ class Reptile(_inner.GradientLearner):
         n_way: head size for meta-training episodes.
         hparams: `ReptileHparams`.
         num_classes: unused.
-
-    Raises:
-        ConfigError: unknown inner optimiser, or inner_batch of 1 (per-batch
-            BatchNorm needs at least two examples) or below 0.
     """
 
     name = "reptile"
@@ -170,22 +174,6 @@ class Reptile(_inner.GradientLearner):
         self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
     ) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
-        where = "meta_train.hparams.reptile"
-        if self.hparams.inner_optimizer not in INNER_OPTIMIZERS:
-            raise ConfigError(
-                f"{where}.inner_optimizer: expected one of {list(INNER_OPTIMIZERS)}, "
-                f"found {self.hparams.inner_optimizer!r}"
-            )
-        if self.hparams.inner_batch == 1 or self.hparams.inner_batch < 0:
-            raise ConfigError(
-                f"{where}.inner_batch: expected 0 (full batch) or >= 2 (BatchNorm uses "
-                f"batch statistics), found {self.hparams.inner_batch}"
-            )
-        if self.hparams.outer_step_size < 0:
-            raise ConfigError(
-                f"{where}.outer_step_size: expected >= 0 (0 = Adam at meta_train.meta_lr), "
-                f"found {self.hparams.outer_step_size}"
-            )
 
     def outer_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """The optimiser the trainer steps with the `.grad = θ − φ̄` set by `meta_learn`.

@@ -26,7 +26,6 @@ starts every task from. A trainer may skip meta-training it altogether.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -35,13 +34,12 @@ from torch import nn
 
 from metatransfer.algorithms import _adapt, _support_fit, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult, episode_accuracy
-from metatransfer.algorithms.baseline import require_hparam
+from metatransfer.config import Float, Int, bounded
 from metatransfer.episodes import Episode
 from metatransfer.errors import EpisodeError
 from metatransfer.models import BackboneSpec, build_backbone
 
 
-@dataclass(frozen=True)
 class ScratchHparams(Hparams):
     """Training from scratch on the support set.
 
@@ -52,10 +50,11 @@ class ScratchHparams(Hparams):
         seed: seeds the initialisation (the same for every task).
     """
 
-    steps: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
+    error_where: ClassVar[str] = "meta_train.hparams.scratch"
+    steps: Int = bounded(100, ge=0)
+    lr: Float = bounded(1e-3, gt=0)
+    weight_decay: Float = bounded(0.0, ge=0)
+    seed: Int = 0
 
 
 class Scratch(_adapt.SupportLearner):
@@ -75,9 +74,6 @@ class Scratch(_adapt.SupportLearner):
     ) -> None:
         _metric.check_hparams(hparams, ScratchHparams, self.name)
         super().__init__(backbone, n_way, hparams, num_classes)
-        require_hparam(hparams.steps >= 0, self.name, "steps", ">= 0", hparams.steps)
-        require_hparam(hparams.lr > 0, self.name, "lr", "> 0", hparams.lr)
-        require_hparam(hparams.weight_decay >= 0, self.name, "weight_decay", ">= 0", hparams.weight_decay)
         # θ exists so that the learner has parameters to save and an optimizer
         # to build; it equals initial_model(n_way) at construction.
         self.model = self.initial_model(n_way)

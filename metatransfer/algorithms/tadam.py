@@ -31,9 +31,8 @@ mode with the running averages.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +40,7 @@ from torch import nn
 
 from metatransfer.algorithms import _adapt, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult
+from metatransfer.config import Bool, Float, bounded
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError, EpisodeError
 from metatransfer.models import BackboneSpec, build_backbone
@@ -50,7 +50,6 @@ Film = list[tuple[torch.Tensor, torch.Tensor]]
 """Per conv block, (γ, β) of shape (B or 1, C_l): one row per image, or one for all."""
 
 
-@dataclass(frozen=True)
 class TADAMHparams(Hparams):
     """TADAM hyper-parameters (paper defaults).
 
@@ -61,9 +60,10 @@ class TADAMHparams(Hparams):
             (added to the back-propagated loss, not to the reported loss).
     """
 
-    metric_scale_init: float = 1.0
-    learn_metric_scale: bool = True
-    film_l2: float = 0.01
+    error_where: ClassVar[str] = "meta_train.hparams.tadam"
+    metric_scale_init: Float = bounded(1.0, gt=0)
+    learn_metric_scale: Bool = True
+    film_l2: Float = bounded(0.01, ge=0)
 
 
 def film_batch_norm(
@@ -122,19 +122,58 @@ def meta_batch_film(films: Sequence[Film], episodes: Sequence[Episode], device: 
     ]
 
 
-class TaskEmbeddingNetwork(nn.Module):
-    """TEN: task representation Δ (E, D) → FiLM (γ, β) per conv block.
+def film_meta_learn(
+    learner: Any,
+    episodes: Sequence[Episode],
+    task_film: Callable[[torch.Tensor, torch.Tensor, Episode], Film],
+    extra_loss: Callable[[], torch.Tensor],
+) -> StepResult:
+    """TADAM's meta-batch step (also the conditional learner's): two extractor passes, one backward.
+
+    One unconditioned pass over every support image gives each task's FiLM
+    (`task_film(support features, support labels, episode)`); one
+    FiLM-conditioned pass over every support and query image, each task's FiLM
+    repeated over its images (`meta_batch_film`), gives the prototypes and the
+    query logits. The mean query cross-entropy plus `extra_loss()` (built last,
+    after the forward passes) is back-propagated.
 
     Args:
-        task_dim: width D of Δ (the backbone's feature size).
-        channels: channels C_l of each conv block.
+        learner: a FiLM metric learner: `features(images, film)` and `logits(query_emb, prototypes)`.
+        episodes: the meta-batch.
+
+    Returns:
+        Mean query cross-entropy (`extra_loss` excluded) and accuracy.
+    """
+    if not episodes:
+        raise EpisodeError("meta_learn: the meta-batch is empty; pass at least one Episode")
+    device, dtype = _metric.module_device(learner), _metric.module_dtype(learner)
+    for i, ep in enumerate(episodes):
+        _metric.check_labels(ep.support_y, ep.n_way, f"episode {i} support_y")
+    support = torch.cat([ep.support_x for ep in episodes]).to(device=device, dtype=dtype)
+    support_emb = learner.features(support).split([ep.support_x.shape[0] for ep in episodes])
+    films = [task_film(emb, ep.support_y.to(device), ep) for emb, ep in zip(support_emb, episodes)]
+    film = meta_batch_film(films, episodes, device)
+    embedded = _metric.embed_episodes(lambda x: learner.features(x, film), episodes, device, dtype)
+    logits = [
+        learner.logits(q, _metric.class_means(s, ep.support_y.to(device), ep.n_way))
+        for (s, q), ep in zip(embedded, episodes)
+    ]
+    return _metric.cross_entropy_step(logits, episodes, extra_loss=extra_loss())
+
+
+class FilmHeads(nn.Module):
+    """FiLM heads shared by TADAM's TEN and the conditional learner's generator: task vector → (γ, β) per block.
+
+    γ_l = 1 + λ_γ,l G_l(t), β_l = λ_β,l B_l(t), with G_l, B_l two-layer MLPs
+    and post-multipliers λ. A subclass calls `build_heads` where its own
+    layers' initialisation order wants them.
     """
 
-    def __init__(self, task_dim: int, channels: Sequence[int]) -> None:
-        super().__init__()
+    def build_heads(self, in_dim: int, channels: Sequence[int]) -> None:
+        """Create G_l, B_l (in_dim → C_l) and the post-multipliers λ for every conv block."""
 
         def mlp(width: int) -> nn.Sequential:
-            return nn.Sequential(nn.Linear(task_dim, width), nn.ReLU(), nn.Linear(width, width))
+            return nn.Sequential(nn.Linear(in_dim, width), nn.ReLU(), nn.Linear(width, width))
 
         self.gamma_nets = nn.ModuleList(mlp(c) for c in channels)
         self.beta_nets = nn.ModuleList(mlp(c) for c in channels)
@@ -142,8 +181,8 @@ class TaskEmbeddingNetwork(nn.Module):
         self.gamma_scale = nn.Parameter(torch.zeros(len(channels)))
         self.beta_scale = nn.Parameter(torch.zeros(len(channels)))
 
-    def forward(self, task: torch.Tensor) -> Film:
-        """Return [(γ_l, β_l)] with γ_l = 1 + λ_γ,l G_l(Δ), β_l = λ_β,l B_l(Δ), each (E, C_l)."""
+    def film(self, task: torch.Tensor) -> Film:
+        """[(γ_l, β_l)], each (E, C_l), of task vectors (E, in_dim)."""
         return [
             (1.0 + self.gamma_scale[i] * g(task), self.beta_scale[i] * b(task))
             for i, (g, b) in enumerate(zip(self.gamma_nets, self.beta_nets))
@@ -154,43 +193,57 @@ class TaskEmbeddingNetwork(nn.Module):
         return self.gamma_scale.pow(2).sum() + self.beta_scale.pow(2).sum()
 
 
-class TADAM(_adapt.MetricLearner):
-    """Task-conditioned prototypical network with metric scaling (Conv-4 backbone).
+class TaskEmbeddingNetwork(FilmHeads):
+    """TEN: task representation Δ (E, D) → FiLM (γ, β) per conv block.
+
+    Args:
+        task_dim: width D of Δ (the backbone's feature size).
+        channels: channels C_l of each conv block.
+    """
+
+    def __init__(self, task_dim: int, channels: Sequence[int]) -> None:
+        super().__init__()
+        self.build_heads(task_dim, channels)
+
+    def forward(self, task: torch.Tensor) -> Film:
+        """Return [(γ_l, β_l)] with γ_l = 1 + λ_γ,l G_l(Δ), β_l = λ_β,l B_l(Δ), each (E, C_l)."""
+        return self.film(task)
+
+
+class FilmLearner(_adapt.MetricLearner):
+    """A prototypical network on a FiLM-conditioned Conv-4 with a metric scale α (TADAM, the conditional learner).
+
+    `__init__` checks the backbone and builds it; a subclass then builds its
+    FiLM head and calls `init_metric_scale`, so the head's initialisation draws
+    follow the backbone's.
 
     Attributes:
         backbone: the Conv-4 feature extractor.
-        ten: the `TaskEmbeddingNetwork`.
         metric_scale: α (a Parameter when learnt, a buffer otherwise).
     """
 
-    name: ClassVar[str] = "tadam"
-    hparams_class: ClassVar[type[Hparams]] = TADAMHparams
-    track_running_stats: ClassVar[bool] = True
+    backbone: Conv4
+    metric_scale: torch.Tensor
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
-        _metric.check_hparams(hparams, TADAMHparams, self.name)
-        assert isinstance(hparams, TADAMHparams)
-        if hparams.metric_scale_init <= 0:
-            raise ConfigError(
-                f"tadam.metric_scale_init: expected a positive number, found {hparams.metric_scale_init}"
-            )
-        if hparams.film_l2 < 0:
-            raise ConfigError(f"tadam.film_l2: expected a number >= 0, found {hparams.film_l2}")
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         if backbone.name != "conv4":
             raise ConfigError(
-                f"tadam: FiLM conditioning is implemented for the conv4 backbone only; "
-                f"model.name is {backbone.name!r}. Set model.name: conv4 or drop 'tadam' "
-                "from meta_train.algorithms"
+                f"{self.name}: FiLM conditioning is implemented for the conv4 backbone only; model.name is "
+                f"{backbone.name!r}. Set model.name: conv4 or drop {self.name!r} from meta_train.algorithms"
             )
         super().__init__(backbone, n_way, hparams, num_classes)
-        self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
-        assert isinstance(self.backbone, Conv4)
-        channels = [block[0].out_channels for block in self.backbone.encoder]
-        self.ten = TaskEmbeddingNetwork(self.backbone.out_dim, channels)
-        scale = torch.tensor(float(hparams.metric_scale_init))
-        if hparams.learn_metric_scale:
+        built = build_backbone(backbone, track_running_stats=self.track_running_stats)
+        assert isinstance(built, Conv4)
+        self.backbone = built
+
+    def block_channels(self) -> list[int]:
+        """Channels C_l of each conv block: the widths of the FiLM parameters."""
+        return [block[0].out_channels for block in self.backbone.encoder]
+
+    def init_metric_scale(self, init: float, learn: bool) -> None:
+        """α = `init`, a Parameter when `learn`, else a fixed buffer."""
+        scale = torch.tensor(float(init))
+        if learn:
             self.metric_scale = nn.Parameter(scale)
         else:
             self.register_buffer("metric_scale", scale)
@@ -214,14 +267,37 @@ class TADAM(_adapt.MetricLearner):
             x = pool(relu(film_batch_norm(norm, conv(x), gamma, beta)))
         return x.flatten(1)
 
+    def logits(self, query_emb: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """Scaled negative squared distances -α ||q - c_k||² (Q, N)."""
+        return -self.metric_scale * _metric.squared_distances(query_emb, prototypes)
+
+
+class TADAM(FilmLearner):
+    """Task-conditioned prototypical network with metric scaling (Conv-4 backbone).
+
+    Attributes:
+        backbone: the Conv-4 feature extractor.
+        ten: the `TaskEmbeddingNetwork`.
+        metric_scale: α (a Parameter when learnt, a buffer otherwise).
+    """
+
+    name: ClassVar[str] = "tadam"
+    hparams_class: ClassVar[type[Hparams]] = TADAMHparams
+    track_running_stats: ClassVar[bool] = True
+
+    def __init__(
+        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
+    ) -> None:
+        _metric.check_hparams(hparams, TADAMHparams, self.name)
+        assert isinstance(hparams, TADAMHparams)
+        super().__init__(backbone, n_way, hparams, num_classes)
+        self.ten = TaskEmbeddingNetwork(self.backbone.out_dim, self.block_channels())
+        self.init_metric_scale(hparams.metric_scale_init, hparams.learn_metric_scale)
+
     def task_film(self, support_emb: torch.Tensor, support_y: torch.Tensor, n_way: int) -> Film:
         """FiLM (γ, β) of one task from its unconditioned support features: Δ = mean of prototypes."""
         task = _metric.class_means(support_emb, support_y, n_way).mean(0, keepdim=True)
         return self.ten(task)
-
-    def logits(self, query_emb: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-        """Scaled negative squared distances -α ||q - c_k||² (Q, N)."""
-        return -self.metric_scale * _metric.squared_distances(query_emb, prototypes)
 
     def meta_learn(self, episodes: Sequence[Episode]) -> StepResult:
         """Back-propagate the mean query cross-entropy (+ the FiLM L2 penalty).
@@ -236,26 +312,10 @@ class TADAM(_adapt.MetricLearner):
         Returns:
             Mean query cross-entropy (penalty excluded) and accuracy.
         """
-        if not episodes:
-            raise EpisodeError("meta_learn: the meta-batch is empty; pass at least one Episode")
-        device, dtype = _metric.module_device(self), _metric.module_dtype(self)
-        for i, ep in enumerate(episodes):
-            _metric.check_labels(ep.support_y, ep.n_way, f"episode {i} support_y")
-        support = torch.cat([ep.support_x for ep in episodes]).to(device=device, dtype=dtype)
-        support_emb = self.features(support).split([ep.support_x.shape[0] for ep in episodes])
-        films = [
-            self.task_film(emb, ep.support_y.to(device), ep.n_way)
-            for emb, ep in zip(support_emb, episodes)
-        ]
-        film = meta_batch_film(films, episodes, device)
-        embedded = _metric.embed_episodes(lambda x: self.features(x, film), episodes, device, dtype)
-        logits = [
-            self.logits(q, _metric.class_means(s, ep.support_y.to(device), ep.n_way))
-            for (s, q), ep in zip(embedded, episodes)
-        ]
         hp = self.hparams
         assert isinstance(hp, TADAMHparams)
-        return _metric.cross_entropy_step(logits, episodes, extra_loss=hp.film_l2 * self.ten.penalty())
+        return film_meta_learn(self, episodes, lambda emb, y, ep: self.task_film(emb, y, ep.n_way),
+                               lambda: hp.film_l2 * self.ten.penalty())
 
     def support_scorer(self, support: _adapt.Support) -> Predictor:
         """Condition on the support set and compute prototypes once (the queries are not used).

@@ -34,10 +34,10 @@ from torch import nn
 
 from metatransfer.algorithms import _adapt, _support_fit, _metric
 from metatransfer.algorithms.base import Hparams, Predictor
-from metatransfer.algorithms.baseline import Baseline, PretrainHparams, require_hparam
+from metatransfer.algorithms.baseline import Baseline, PretrainHparams
+from metatransfer.config import Float, Int, bounded
 
 
-@dataclass(frozen=True)
 class TIMHparams(PretrainHparams):
     """TIM's hyper-parameters (defaults: the paper's TIM-GD values).
 
@@ -51,13 +51,14 @@ class TIMHparams(PretrainHparams):
         conditional_weight: weight of the conditional entropy H(Y_Q|X_Q) (0.1).
     """
 
-    label_smoothing: float = 0.1
-    temperature: float = 15.0
-    iters: int = 1000
-    lr: float = 1e-4
-    ce_weight: float = 0.1
-    marginal_weight: float = 1.0
-    conditional_weight: float = 0.1
+    error_where: ClassVar[str] = "meta_train.hparams.tim"
+    label_smoothing: Float = bounded(0.1, ge=0, lt=1)
+    temperature: Float = bounded(15.0, gt=0)
+    iters: Int = bounded(1000, ge=0)
+    lr: Float = bounded(1e-4, gt=0)
+    ce_weight: Float = bounded(0.1, ge=0)
+    marginal_weight: Float = bounded(1.0, ge=0)
+    conditional_weight: Float = bounded(0.1, ge=0)
 
 
 def tim_logits(features: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -177,16 +178,6 @@ class TIM(Baseline):
     name: ClassVar[str] = "tim"
     hparams_class: ClassVar[type[Hparams]] = TIMHparams
     transductive: ClassVar[bool] = True
-
-    def check_hparams(self) -> None:
-        """Pre-training checks plus TIM's ranges (ConfigError naming the key)."""
-        super().check_hparams()
-        hp = self.hparams
-        require_hparam(hp.temperature > 0, self.name, "temperature", "> 0", hp.temperature)
-        require_hparam(hp.iters >= 0, self.name, "iters", ">= 0", hp.iters)
-        require_hparam(hp.lr > 0, self.name, "lr", "> 0", hp.lr)
-        for key in ("ce_weight", "marginal_weight", "conditional_weight"):
-            require_hparam(getattr(hp, key) >= 0, self.name, key, ">= 0", getattr(hp, key))
 
     def adapt_support(self, support: _adapt.Support) -> Predictor:
         """Run TIM-GD on the frozen features of the support and unlabelled images.

@@ -1,26 +1,28 @@
 """Typed, frozen configuration loaded from params.yaml.
 
-One dataclass per top-level section (one section per pipeline stage, plus
-shared keys). Loading refuses unknown keys and wrong types, naming the key
-path, what was expected and what was found. Defaults live in params.yaml; the
-dataclasses here only describe shape and types.
+One frozen pydantic model per top-level section (one section per pipeline
+stage, plus shared keys). Loading refuses unknown keys, wrong types, values
+out of range and unknown choices, naming the key path, what was expected and
+what was found. Defaults live in params.yaml; the models here describe shape,
+types, ranges and choices.
 
 The sections are in data.py (data, fetch, prepare, episodes), training.py
 (model, pretrain, meta_train, finetune) and params.py (runtime, evaluate,
-promote and the top-level Params); build.py turns a mapping into them and
-checks.py holds the value checks. This module loads params.yaml and
+promote and the top-level Params); build.py holds the model base, the field
+types and the one translator of validation errors (`config_error`), and
+checks.py the checks across keys. This module loads params.yaml and
 re-exports every public name.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from metatransfer.config.build import _build, finite_float
+from metatransfer.config.build import Bool, ConfigModel, Float, Int, Str, bounded, config_error
 from metatransfer.config.checks import _sections_of_type as _sections_of_type  # for tests/unit/test_augment.py
 from metatransfer.config.checks import (
     NPZ_NAME,
@@ -72,7 +74,9 @@ __all__ = [
     "PRECISIONS",
     "PRETRAIN_HEADS",
     "AugmentParams",
+    "Bool",
     "ConfigError",
+    "ConfigModel",
     "DataParams",
     "DatasetShapeParams",
     "DescriptionParams",
@@ -81,7 +85,9 @@ __all__ = [
     "EvaluateParams",
     "FetchParams",
     "FinetuneParams",
+    "Float",
     "ImageFolderParams",
+    "Int",
     "MetaTrainParams",
     "ModelParams",
     "NpzFileParams",
@@ -92,9 +98,11 @@ __all__ = [
     "PromoteParams",
     "RuntimeParams",
     "SourceMixParams",
+    "Str",
     "UnlabeledParams",
+    "bounded",
     "check_augment",
-    "finite_float",
+    "config_error",
     "flatten",
     "load_params",
     "params_from_mapping",
@@ -112,7 +120,7 @@ def params_from_mapping(raw: Any, source: str = "params.yaml") -> Params:
         ConfigError: naming the key path (prefixed by `source`), expected and found values.
     """
     try:
-        params = _build(Params, raw, "")
+        params = Params.build(raw)
         _check_ranges(params)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}. Fix the key in {source} and re-run.") from None
@@ -136,13 +144,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def flatten(params: Params) -> dict[str, Any]:
-    """Flatten params to dotted keys (for MLflow's log_params)."""
+    """Flatten params to dotted keys (for MLflow's log_params), in field order."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                walk(f"{prefix}.{f.name}" if prefix else f.name, getattr(value, f.name))
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                walk(f"{prefix}.{name}" if prefix else name, getattr(value, name))
         elif isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}.{k}", v)

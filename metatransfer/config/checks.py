@@ -1,5 +1,6 @@
-"""Value checks of a built `Params` that types alone cannot express: ranges, choices, and
-agreement between sections; plus the checks other layers register (`register_params_check`).
+"""Value checks of a validated `Params` that the models' field types, ranges and choices cannot
+express: agreement between keys and sections, list contents, names; plus the checks other
+layers register (`register_params_check`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from metatransfer.config.data import IMAGE_FOLDER_LAYOUTS, PrepareParams
+from pydantic import BaseModel
+
+from metatransfer.config.data import PrepareParams
 from metatransfer.config.params import DEVICES, PRECISIONS, Params
-from metatransfer.config.training import LR_SCHEDULES, META_TRAIN_INITS, PRETRAIN_HEADS, AugmentParams
+from metatransfer.config.training import AugmentParams
 from metatransfer.errors import ConfigError
 
 
@@ -32,10 +35,12 @@ def check_augment(a: AugmentParams, key: str) -> None:
 
 
 def _sections_of_type(obj: Any, cls: type, prefix: str = "") -> list[tuple[str, Any]]:
-    """Every (key path, value) of type `cls` nested in dataclasses/dicts, so new sections are checked too."""
+    """Every (key path, value) of type `cls` nested in models/dataclasses/dicts, so new sections are checked too."""
     if isinstance(obj, cls):
         return [(prefix, obj)]
-    if dataclasses.is_dataclass(obj):
+    if isinstance(obj, BaseModel):
+        items = [(name, getattr(obj, name)) for name in type(obj).model_fields]
+    elif dataclasses.is_dataclass(obj):
         items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
     elif isinstance(obj, dict):
         items = list(obj.items())
@@ -70,8 +75,6 @@ def _check_npz_files(prep: PrepareParams) -> None:
             raise ConfigError(f"{key}.path: must name a .npz file, found an empty string")
         if f.sha256 and not (len(f.sha256) == 64 and all(c in "0123456789abcdefABCDEF" for c in f.sha256)):
             raise ConfigError(f"{key}.sha256: must be 64 hex digits (sha256sum FILE), found {f.sha256!r}")
-        if f.role not in ("source", "target"):
-            raise ConfigError(f"{key}.role: must be 'source' or 'target', found {f.role!r}")
         if not (all(x >= 0 for x in f.split_fractions) and abs(sum(f.split_fractions) - 1) < 1e-6):
             raise ConfigError(f"{key}.split_fractions: must be three non-negative numbers summing to 1 "
                               f"(meta_train, meta_val, meta_test), found {list(f.split_fractions)}")
@@ -114,7 +117,7 @@ def _check_descriptions(p: Params) -> None:
             raise ConfigError(f"{key}: {name!r} is not a dataset prepare builds (fetch.datasets, "
                               f"prepare.image_folders, prepare.npz_files): {sorted(set(prepared))}; "
                               "fix the name or add the dataset")
-        check_description(dataclasses.asdict(d), key)
+        check_description(d.model_dump(), key)
 
 
 def _check_per_dataset(p: Params) -> None:
@@ -140,8 +143,6 @@ def _check_per_dataset(p: Params) -> None:
             raise ConfigError(f"{key}: expected channels and/or image_size, found neither; set one or remove the entry")
         if s.channels is not None and s.channels not in (1, 3):
             raise ConfigError(f"{key}.channels: must be 1 or 3, found {s.channels}")
-        if s.image_size is not None and s.image_size < 16:
-            raise ConfigError(f"{key}.image_size: must be >= 16, found {s.image_size}")
 
 
 def _check_unlabeled(p: Params) -> None:
@@ -163,24 +164,15 @@ def _check_unlabeled(p: Params) -> None:
             raise ConfigError(f"{key}: {name!r} is not in finetune.targets {list(f.targets)} (nor a dataset "
                               "prepare builds); add it there (an unlabelled target is still a target) or remove "
                               "the entry")
-        if u.k < 2:
-            raise ConfigError(f"{key}.k: must be >= 2 (clusters), found {u.k}")
         if u.select_k and u.k_max < 2:
             raise ConfigError(f"{key}.k_max: must be >= 2 with select_k (k is tried over 2..k_max), found {u.k_max}")
         if u.embedding and u.embedding not in f.methods:
             raise ConfigError(f"{key}.embedding: must be '' (the first of finetune.methods) or one of "
                               f"finetune.methods {list(f.methods)}, found {u.embedding!r}")
-        if not u.temperature > 0:
-            raise ConfigError(f"{key}.temperature: must be > 0, found {u.temperature}")
-        if u.self_training_steps < 0:
-            raise ConfigError(f"{key}.self_training_steps: must be >= 0 (0: no self-training), found "
-                              f"{u.self_training_steps}")
-        if not 0 < u.confidence < 1:
-            raise ConfigError(f"{key}.confidence: must be in (0, 1), found {u.confidence}")
 
 
 def _check_ranges(p: Params) -> None:
-    """Value checks that types alone cannot express."""
+    """Value checks that field types, ranges and choices cannot express (run after validation)."""
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
@@ -197,90 +189,35 @@ def _check_ranges(p: Params) -> None:
     for key, a in _sections_of_type(p, AugmentParams):
         check_augment(a, key)
 
-    need(p.prepare.image_size >= 16, "prepare.image_size", f"must be >= 16, found {p.prepare.image_size}")
     need(p.prepare.channels in (1, 3), "prepare.channels", f"must be 1 or 3, found {p.prepare.channels}")
-    need(
-        p.prepare.omniglot_protocol in ("background_evaluation", "vinyals"),
-        "prepare.omniglot_protocol",
-        f"must be one of ['background_evaluation', 'vinyals'], found {p.prepare.omniglot_protocol!r}",
-    )
-    need(p.prepare.meta_val_classes >= 0, "prepare.meta_val_classes", f"must be >= 0, found {p.prepare.meta_val_classes}")
-    need(0 <= p.prepare.val_fraction < 1, "prepare.val_fraction",
-         f"must be in [0, 1) (share of training images per class moved to val), found {p.prepare.val_fraction}")
     for name, f in p.prepare.image_folders.items():
-        key = f"prepare.image_folders.{name}"
-        need(f.role in ("source", "target"), f"{key}.role", f"must be 'source' or 'target', found {f.role!r}")
         need(all(x >= 0 for x in f.split_fractions) and abs(sum(f.split_fractions) - 1) < 1e-6,
-             f"{key}.split_fractions", f"must be three non-negative numbers summing to 1, found {list(f.split_fractions)}")
-        need(f.layout in IMAGE_FOLDER_LAYOUTS, f"{key}.layout",
-             f"must be one of {list(IMAGE_FOLDER_LAYOUTS)}, found {f.layout!r}")
+             f"prepare.image_folders.{name}.split_fractions",
+             f"must be three non-negative numbers summing to 1, found {list(f.split_fractions)}")
     _check_npz_files(p.prepare)
     _check_descriptions(p)
     _check_per_dataset(p)
     if p.episodes is not None:
         for name, e in p.episodes.sets.items():
-            key = f"episodes.sets.{name}"
-            need(e.n_way >= 2, f"{key}.n_way", f"must be >= 2, found {e.n_way}")
-            need(len(e.shots) >= 1 and all(k >= 1 for k in e.shots), f"{key}.shots", f"must be a non-empty list of integers >= 1, found {list(e.shots)}")
-            need(e.n_query >= 1, f"{key}.n_query", f"must be >= 1, found {e.n_query}")
-            need(e.n_episodes >= 2, f"{key}.n_episodes", f"must be >= 2 (a confidence interval needs two), found {e.n_episodes}")
-            need(e.min_images_per_class >= 0, f"{key}.min_images_per_class",
-                 f"must be >= 0 (0: keep every class), found {e.min_images_per_class}")
+            need(len(e.shots) >= 1 and all(k >= 1 for k in e.shots), f"episodes.sets.{name}.shots",
+                 f"must be a non-empty list of integers >= 1, found {list(e.shots)}")
     if p.pretrain is not None:
-        t = p.pretrain
-        need(len(t.datasets) >= 1, "pretrain.datasets", "must name at least one source dataset")
-        need(t.head in PRETRAIN_HEADS, "pretrain.head", f"must be one of {list(PRETRAIN_HEADS)}, found {t.head!r}")
-        need(t.steps >= 0, "pretrain.steps", f"must be >= 0, found {t.steps}")
-        need(t.lr > 0 and t.lr < float("inf"), "pretrain.lr", f"must be a finite number > 0, found {t.lr}")
-        need(t.weight_decay >= 0, "pretrain.weight_decay", f"must be >= 0, found {t.weight_decay}")
-        need(0 <= t.label_smoothing < 1, "pretrain.label_smoothing", f"must be in [0, 1), found {t.label_smoothing}")
-        need(t.optimizer in ("adam", "sgd"), "pretrain.optimizer", f"must be 'adam' or 'sgd', found {t.optimizer!r}")
-        need(t.lr_schedule in LR_SCHEDULES, "pretrain.lr_schedule", f"must be one of {list(LR_SCHEDULES)}, found {t.lr_schedule!r}")
-        for key in ("batch_size", "val_every", "val_episodes", "k_shot", "n_query"):
-            need(getattr(t, key) >= 1, f"pretrain.{key}", f"must be >= 1, found {getattr(t, key)}")
-        need(t.n_way >= 2, "pretrain.n_way", f"must be >= 2, found {t.n_way}")
-        need(t.checkpoint_every >= 0, "pretrain.checkpoint_every", f"must be >= 0 (0: only at the end), found {t.checkpoint_every}")
+        need(len(p.pretrain.datasets) >= 1, "pretrain.datasets", "must name at least one source dataset")
     if p.meta_train is not None:
         m = p.meta_train
-        for key in ("n_way", "k_shot", "n_query", "meta_batch_size", "val_every", "val_episodes"):
-            need(getattr(m, key) >= 1, f"meta_train.{key}", f"must be >= 1, found {getattr(m, key)}")
-        need(m.steps >= 0, "meta_train.steps", f"must be >= 0, found {m.steps}")
-        need(m.checkpoint_every >= 0, "meta_train.checkpoint_every", f"must be >= 0 (0: only at the end), found {m.checkpoint_every}")
-        need(m.max_consecutive_faults >= 1, "meta_train.max_consecutive_faults", f"must be >= 1, found {m.max_consecutive_faults}")
-        need(m.meta_lr > 0, "meta_train.meta_lr", f"must be > 0, found {m.meta_lr}")
-        need(m.lr_schedule in LR_SCHEDULES, "meta_train.lr_schedule",
-             f"must be one of {list(LR_SCHEDULES)}, found {m.lr_schedule!r}")
         need(m.precision in ("", *PRECISIONS), "meta_train.precision",
              f"(deprecated: use runtime.precision) must be one of {list(PRECISIONS)}, found {m.precision!r}")
-        need(m.time_budget_s >= 0, "meta_train.time_budget_s",
-             f"must be >= 0 (0: no wall-clock guard; steps are the budget), found {m.time_budget_s}")
-        need(m.n_way >= 2, "meta_train.n_way", f"must be >= 2, found {m.n_way}")
-        need(m.init in META_TRAIN_INITS, "meta_train.init", f"must be one of {list(META_TRAIN_INITS)}, found {m.init!r}")
         need(m.init != "pretrain" or p.pretrain is not None, "meta_train.init",
              "is 'pretrain' but params has no `pretrain` section; add one or use 'scratch'")
         need(m.init != "pretrained_file" or getattr(p.model, "pretrained", None) is not None, "meta_train.init",
              "is 'pretrained_file' but model.pretrained is not set; set {path, sha256} or use 'scratch'")
         need(len(m.sources) >= 1, "meta_train.sources", "must name at least one source dataset")
-        need(all(s.weight > 0 for s in m.sources), "meta_train.sources", "every weight must be > 0")
-        for i, s in enumerate(m.sources):
-            for key in ("k_shot", "n_query"):
-                value = getattr(s, key)
-                need(value is None or value >= 1, f"meta_train.sources[{i}].{key}",
-                     f"must be >= 1 (or absent: meta_train.{key}), found {value}")
-            need(s.min_images_per_class >= 0, f"meta_train.sources[{i}].min_images_per_class",
-                 f"must be >= 0 (0: keep every class), found {s.min_images_per_class}")
     # The other layers' checks (the algorithms': names in meta_train.algorithms) come before
     # finetune's, whose `methods` check relies on meta_train.algorithms naming real algorithms.
     for check in _PARAMS_CHECKS:
         check(p)
     if p.finetune is not None:
         f = p.finetune
-        need(f.train_layers in ("all", "head"), "finetune.train_layers", f"must be 'all' or 'head', found {f.train_layers!r}")
-        for key in ("shots_per_class", "batch_size", "eval_every"):
-            need(getattr(f, key) >= 1, f"finetune.{key}", f"must be >= 1, found {getattr(f, key)}")
-        for key in ("steps", "patience", "val_per_class", "checkpoint_every", "min_images_per_class"):
-            need(getattr(f, key) >= 0, f"finetune.{key}", f"must be >= 0, found {getattr(f, key)}")
-        need(f.lr > 0, "finetune.lr", f"must be > 0, found {f.lr}")
         known = set(p.meta_train.algorithms if p.meta_train else ()) | {"scratch"} | ({"pretrain"} if p.pretrain else set())
         for name in f.methods:
             need(name in known, "finetune.methods", f"{name!r} is neither meta-trained (meta_train.algorithms), 'pretrain' (with a pretrain section) nor 'scratch'; allowed: {sorted(known)}")
@@ -289,9 +226,6 @@ def _check_ranges(p: Params) -> None:
         _check_unlabeled(p)
     if p.promote is not None:
         g = p.promote
-        need(g.margin >= 0, "promote.margin", f"must be >= 0 (a minimum gain), found {g.margin}")
-        need(0 < g.confidence < 1, "promote.confidence", f"must be in (0, 1), found {g.confidence}")
-        need(g.n_episodes >= 2, "promote.n_episodes", f"must be >= 2, found {g.n_episodes}")
         if p.finetune is not None:
             need(g.baseline in p.finetune.methods, "promote.baseline",
                  f"must be one of finetune.methods {list(p.finetune.methods)} (its target model is what a first "
@@ -299,9 +233,5 @@ def _check_ranges(p: Params) -> None:
     r = p.runtime
     need(r.device in DEVICES or (r.device.startswith("cuda:") and r.device[5:].isdigit()), "runtime.device",
          f"must be one of {list(DEVICES)} or cuda:N, found {r.device!r}")
-    need(r.threads >= 0, "runtime.threads", f"must be >= 0 (0: the machine's cores), found {r.threads}")
-    need(r.precision in PRECISIONS, "runtime.precision", f"must be one of {list(PRECISIONS)}, found {r.precision!r}")
     need(not (r.precision == "fp16" and r.device == "cpu"), "runtime.precision",
          "'fp16' on the CPU is refused (slower than fp32 and less accurate); use 'bf16' or 'fp32', or a GPU device")
-    if p.evaluate is not None:
-        need(0 < p.evaluate.confidence < 1, "evaluate.confidence", f"must be in (0, 1), found {p.evaluate.confidence}")

@@ -1,16 +1,19 @@
 """The data sections of params.yaml: `data`, `fetch`, `prepare` (with its per-dataset entries) and `episodes`.
 
-Frozen dataclasses that describe shape and types only; defaults live in
-params.yaml. Loading and checks: metatransfer/config/build.py, checks.py.
+Frozen pydantic models (metatransfer/config/build.py) that describe shape, types, ranges and
+choices; defaults live in params.yaml. Checks across keys: metatransfer/config/checks.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import Field
+
+from metatransfer.config.build import ConfigModel, Float, Int, Str, bounded
 
 
-@dataclass(frozen=True)
-class DataParams:
+class DataParams(ConfigModel):
     """Shared data settings.
 
     mirror: a local folder holding the official files (relative paths are
@@ -18,30 +21,28 @@ class DataParams:
         official URLs. The environment variable METATRANSFER_MIRROR overrides it.
     """
 
-    mirror: str
-    raw_dir: str
-    prepared_dir: str
-
-
-@dataclass(frozen=True)
-class ImageFolderParams:
-    """A user's own ImageFolder tree (`class/img.*` or `domain/class/img.*`)."""
-
-    path: str
-    role: str  # "source" (class-disjoint meta splits) or "target" (image splits)
-    split_fractions: tuple[float, float, float]  # meta_train/meta_val/meta_test or train/val/test
-    # "auto" (train|training|val|valid|validation|test|testing top-level folders
-    # mean "split/class", else by file depth), "class", "split/class" or
-    # "domain/class". With "split/class" the given split is kept and
-    # split_fractions is not used (validation is carved by prepare.val_fraction).
-    layout: str = "auto"
+    mirror: Str
+    raw_dir: Str
+    prepared_dir: Str
 
 
 IMAGE_FOLDER_LAYOUTS = ("auto", "class", "split/class", "domain/class")
 
 
-@dataclass(frozen=True)
-class NpzFileParams:
+class ImageFolderParams(ConfigModel):
+    """A user's own ImageFolder tree (`class/img.*` or `domain/class/img.*`)."""
+
+    path: Str
+    role: Literal["source", "target"]  # "source" (class-disjoint meta splits) or "target" (image splits)
+    split_fractions: tuple[Float, Float, Float]  # meta_train/meta_val/meta_test or train/val/test
+    # "auto" (train|training|val|valid|validation|test|testing top-level folders
+    # mean "split/class", else by file depth), "class", "split/class" or
+    # "domain/class". With "split/class" the given split is kept and
+    # split_fractions is not used (validation is carved by prepare.val_fraction).
+    layout: Literal[IMAGE_FOLDER_LAYOUTS] = "auto"  # type: ignore[valid-type]
+
+
+class NpzFileParams(ConfigModel):
     """A user's own MedMNIST-format .npz file, pinned by its SHA-256 (docs/guide.md, "Your own npz file").
 
     path: the file; relative paths are relative to the project root.
@@ -57,36 +58,33 @@ class NpzFileParams:
     class_names: names of labels 0, 1, ... (empty: "00", "01", ... like MedMNIST).
     """
 
-    path: str
-    sha256: str = ""
-    role: str = "target"
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    class_names: tuple[str, ...] = ()
+    path: Str
+    sha256: Str = ""
+    role: Literal["source", "target"] = "target"
+    split_fractions: tuple[Float, Float, Float] = (0.7, 0.15, 0.15)
+    class_names: tuple[Str, ...] = ()
 
 
-@dataclass(frozen=True)
-class FetchParams:
+class FetchParams(ConfigModel):
     """Which registered datasets to fetch into data/raw (names from the source table)."""
 
-    datasets: tuple[str, ...]
+    datasets: tuple[Str, ...]
 
 
-@dataclass(frozen=True)
-class DescriptionParams:
+class DescriptionParams(ConfigModel):
     """A dataset's task description (`prepare.descriptions.<dataset>`; metatransfer/descriptions.py).
 
     Each key is optional; at least one must hold a word. The conditional
     meta-learner reads its tokens; no other stage uses it.
     """
 
-    modality: str = ""
-    anatomy: str = ""
-    domain: str = ""
-    text: str = ""
+    modality: Str = ""
+    anatomy: Str = ""
+    domain: Str = ""
+    text: Str = ""
 
 
-@dataclass(frozen=True)
-class DatasetShapeParams:
+class DatasetShapeParams(ConfigModel):
     """One dataset's own stored shape (`prepare.per_dataset.<dataset>`; heterogeneous transfer).
 
     A key left out (None) takes the `prepare` value. A target stored at its own
@@ -95,12 +93,11 @@ class DatasetShapeParams:
     the backbone, keep `prepare.channels` x `prepare.image_size`.
     """
 
-    channels: int | None = None
-    image_size: int | None = None
+    channels: Int | None = None  # 1 or 3 (checks.py)
+    image_size: Int | None = bounded(None, ge=16)
 
 
-@dataclass(frozen=True)
-class PrepareParams:
+class PrepareParams(ConfigModel):
     """How raw files become the prepared store.
 
     omniglot_protocol: "background_evaluation" (background alphabets train,
@@ -109,23 +106,23 @@ class PrepareParams:
     meta_val_classes: classes moved from meta_train to meta_val (source sets).
     """
 
-    image_size: int
-    channels: int
-    omniglot_protocol: str
-    meta_val_classes: int
-    image_folders: dict[str, ImageFolderParams] = field(default_factory=dict)
+    image_size: Int = bounded(ge=16)
+    channels: Int  # 1 or 3 (checks.py)
+    omniglot_protocol: Literal["background_evaluation", "vinyals"]
+    meta_val_classes: Int = bounded(ge=0)
+    image_folders: dict[Str, ImageFolderParams] = Field(default_factory=dict)
     # The user's own MedMNIST-format npz files, each pinned by its sha256.
-    npz_files: dict[str, NpzFileParams] = field(default_factory=dict)
+    npz_files: dict[Str, NpzFileParams] = Field(default_factory=dict)
     # Share of each class's training images carved (stratified, seeded) into
     # `val` for datasets that come with a train/test split but no validation
     # split (brain_tumor_mri, ham10000_mel_nv, split/class image folders).
-    val_fraction: float = 0.1
+    val_fraction: Float = bounded(0.1, ge=0, lt=1, hint="share of training images per class moved to val")
     # Optional task descriptions, by prepared dataset name: written beside its
     # images as description.json (only for a described dataset).
-    descriptions: dict[str, DescriptionParams] = field(default_factory=dict)
+    descriptions: dict[Str, DescriptionParams] = Field(default_factory=dict)
     # Datasets stored at their own channels and/or size instead of channels x
     # image_size (targets only; docs/guide.md, "Different channels or sizes").
-    per_dataset: dict[str, DatasetShapeParams] = field(default_factory=dict)
+    per_dataset: dict[Str, DatasetShapeParams] = Field(default_factory=dict)
 
     def shape_of(self, dataset: str) -> tuple[int, int]:
         """(channels, image_size) that `dataset` is stored at: its `per_dataset` entry, else the defaults."""
@@ -134,23 +131,21 @@ class PrepareParams:
                 self.image_size if own.image_size is None else own.image_size)
 
 
-@dataclass(frozen=True)
-class EpisodeSetParams:
+class EpisodeSetParams(ConfigModel):
     """One fixed evaluation episode set."""
 
-    dataset: str
-    split: str
-    n_way: int
-    shots: tuple[int, ...]
-    n_query: int
-    n_episodes: int
+    dataset: Str
+    split: Str
+    n_way: Int = bounded(ge=2)
+    shots: tuple[Int, ...]  # a non-empty list of integers >= 1 (checks.py)
+    n_query: Int = bounded(ge=1)
+    n_episodes: Int = bounded(ge=2, hint="a confidence interval needs two")
     # Classes of the split with fewer images are left out of the set's episodes
     # (a WARNING lists them; the episode file records them); 0 keeps every class.
-    min_images_per_class: int = 0
+    min_images_per_class: Int = bounded(0, ge=0, hint="0: keep every class")
 
 
-@dataclass(frozen=True)
-class EpisodesParams:
+class EpisodesParams(ConfigModel):
     """Fixed evaluation episode files, keyed by set name."""
 
-    sets: dict[str, EpisodeSetParams]
+    sets: dict[Str, EpisodeSetParams]

@@ -1,13 +1,16 @@
 """The run sections of params.yaml (`runtime`, `evaluate`, `promote`) and `Params`, all of params.yaml.
 
-Frozen dataclasses that describe shape and types only; defaults live in
-params.yaml. Loading and checks: metatransfer/config/build.py, checks.py.
+Frozen pydantic models (metatransfer/config/build.py) that describe shape, types, ranges and
+choices; defaults live in params.yaml. Checks across keys: metatransfer/config/checks.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Literal
 
+from pydantic import Field
+
+from metatransfer.config.build import Bool, ConfigModel, Float, Int, Str, bounded
 from metatransfer.config.data import DataParams, EpisodesParams, FetchParams, PrepareParams
 from metatransfer.config.training import FinetuneParams, MetaTrainParams, ModelParams, PretrainParams
 
@@ -18,8 +21,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # fp16 only on CUDA/MPS (metatransfer/run
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-@dataclass(frozen=True)
-class RuntimeParams:
+class RuntimeParams(ConfigModel):
     """Where and how every stage runs (metatransfer/runtime.py, docs/reproducibility.md).
 
     device: "auto" (CUDA, else MPS, else CPU), "cpu", "cuda" (or "cuda:N") or "mps".
@@ -31,23 +33,21 @@ class RuntimeParams:
         workspace setting on CUDA): an op without a deterministic kernel raises.
     """
 
-    device: str = "auto"
-    threads: int = 0
-    precision: str = "fp32"
-    deterministic: bool = True
+    device: Str = "auto"  # DEVICES or cuda:N (checks.py)
+    threads: Int = bounded(0, ge=0, hint="0: the machine's cores")
+    precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    deterministic: Bool = True
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(ConfigModel):
     """Evaluation of every method on the fixed episode sets."""
 
-    methods: tuple[str, ...]
-    reference: str  # the fine-tuning baseline paired differences are taken against
-    confidence: float
+    methods: tuple[Str, ...]
+    reference: Str  # the fine-tuning baseline paired differences are taken against
+    confidence: Float = bounded(gt=0, lt=1)
 
 
-@dataclass(frozen=True)
-class PromoteParams:
+class PromoteParams(ConfigModel):
     """The promotion gate (metatransfer/registry/gate.py, docs/registry.md).
 
     margin: minimum mean per-episode accuracy gain of the challenger over the reference.
@@ -56,22 +56,21 @@ class PromoteParams:
     baseline: finetune method whose target model a first champion must beat.
     """
 
-    margin: float
-    confidence: float
-    n_episodes: int
-    baseline: str
+    margin: Float = bounded(ge=0, hint="a minimum gain")
+    confidence: Float = bounded(gt=0, lt=1)
+    n_episodes: Int = bounded(ge=2)
+    baseline: Str  # one of finetune.methods (checks.py)
     # The quality gate before registration (docs/reproducibility.md): a target
     # model whose validation accuracy is not significantly above chance, or a
     # learner whose validation-episode CI does not exceed 1/n_way, is not
     # registered as a challenger. Tested at `confidence`.
-    quality_gate: bool = True
+    quality_gate: Bool = True
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(ConfigModel):
     """All of params.yaml."""
 
-    seed: int
+    seed: Int
     data: DataParams
     fetch: FetchParams
     prepare: PrepareParams
@@ -83,4 +82,4 @@ class Params:
     evaluate: EvaluateParams | None = None
     promote: PromoteParams | None = None
     # Device, threads, precision, determinism of every stage (defaults: old params files load).
-    runtime: RuntimeParams = field(default_factory=lambda: RuntimeParams())
+    runtime: RuntimeParams = Field(default_factory=RuntimeParams)

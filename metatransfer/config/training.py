@@ -1,18 +1,28 @@
 """The training sections of params.yaml: `model` (the backbone), `pretrain`, `meta_train` and
 `finetune`, with the augmentation settings they share.
 
-Frozen dataclasses that describe shape and types only; defaults live in
-params.yaml. Loading and checks: metatransfer/config/build.py, checks.py.
+Frozen pydantic models (metatransfer/config/build.py) that describe shape, types, ranges and
+choices; defaults live in params.yaml. Checks across keys: metatransfer/config/checks.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
+
+from metatransfer.config.build import Bool, ConfigModel, Float, Int, Str, bounded
+
+PRETRAIN_HEADS = ("cosine", "linear")
 
 
-@dataclass(frozen=True)
-class PretrainedParams:
+META_TRAIN_INITS = ("scratch", "pretrain", "pretrained_file")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+class PretrainedParams(ConfigModel):
     """External backbone weights (docs/models.md): a safetensors file and its SHA-256.
 
     path: relative paths are relative to the project root (the folder of
@@ -20,12 +30,11 @@ class PretrainedParams:
     sha256: 64 hex digits; a file with another checksum is refused.
     """
 
-    path: str
-    sha256: str
+    path: Str
+    sha256: Str
 
 
-@dataclass(frozen=True)
-class ModelParams:
+class ModelParams(ConfigModel):
     """The backbone (see metatransfer.models.BackboneSpec).
 
     stem: resnet18 only: "imagenet" (7x7 stride 2 + max-pool), "small"
@@ -33,14 +42,13 @@ class ModelParams:
     pretrained: initial backbone weights from a file (None: random init).
     """
 
-    name: str
-    hidden: int
-    stem: str = "auto"
+    name: Str
+    hidden: Int
+    stem: Str = "auto"  # one of metatransfer.models.resnet18.STEMS (checks.py: config does not import models)
     pretrained: PretrainedParams | None = None
 
 
-@dataclass(frozen=True)
-class AugmentParams:
+class AugmentParams(ConfigModel):
     """Training-time augmentation of image batches (metatransfer/augment.py).
 
     Used under `finetune.augment` and `pretrain.augment`. Each enabled step
@@ -57,15 +65,16 @@ class AugmentParams:
         only); 0 disables it.
     """
 
-    enabled: bool = False
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    color_jitter: float = 0.2
+    # The ranges are checked by checks.check_augment, not here: an AugmentParams out of range
+    # may be built (tests build them to check the checker).
+    enabled: Bool = False
+    crop_scale: tuple[Float, Float] = (0.5, 1.0)
+    crop_ratio: tuple[Float, Float] = (3 / 4, 4 / 3)
+    hflip: Bool = True
+    color_jitter: Float = 0.2
 
 
-@dataclass(frozen=True)
-class SourceMixParams:
+class SourceMixParams(ConfigModel):
     """A source dataset and its sampling weight for meta-training episodes.
 
     k_shot / n_query: this source's episode shape (None: meta_train.k_shot /
@@ -74,55 +83,55 @@ class SourceMixParams:
         images are never drawn (a WARNING lists them); 0 keeps every class.
     """
 
-    dataset: str
-    weight: float
-    k_shot: int | None = None
-    n_query: int | None = None
-    min_images_per_class: int = 0
+    dataset: Str
+    weight: Float = bounded(gt=0)
+    k_shot: Int | None = bounded(None, ge=1, hint="or absent: meta_train.k_shot")
+    n_query: Int | None = bounded(None, ge=1, hint="or absent: meta_train.n_query")
+    min_images_per_class: Int = bounded(0, ge=0, hint="0: keep every class")
 
 
-@dataclass(frozen=True)
-class MetaTrainParams:
+class MetaTrainParams(ConfigModel):
     """Meta-training of every configured algorithm."""
 
-    algorithms: tuple[str, ...]
+    algorithms: tuple[Str, ...]
     sources: tuple[SourceMixParams, ...]
-    n_way: int
-    k_shot: int
-    n_query: int
-    meta_batch_size: int
-    steps: int
-    meta_lr: float
-    val_every: int
-    val_episodes: int
-    rotation_augment: bool
-    hparams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    n_way: Int = bounded(ge=2)
+    k_shot: Int = bounded(ge=1)
+    n_query: Int = bounded(ge=1)
+    meta_batch_size: Int = bounded(ge=1)
+    steps: Int = bounded(ge=0)
+    meta_lr: Float = bounded(gt=0)
+    val_every: Int = bounded(ge=1)
+    val_episodes: Int = bounded(ge=1)
+    rotation_augment: Bool
+    # Checked by the algorithms layer (each algorithm's Hparams model), which config cannot import.
+    hparams: dict[Str, dict[Str, Any]] = Field(default_factory=dict)
     # Crash safety (defaults for params files written before these keys existed):
     # checkpoint every N steps (0: only at the end) and stop after K consecutive
     # non-finite steps.
-    checkpoint_every: int = 50
-    max_consecutive_faults: int = 5
+    checkpoint_every: Int = bounded(50, ge=0, hint="0: only at the end")
+    max_consecutive_faults: Int = bounded(5, ge=1)
     # Speed/accuracy levers (see metatransfer.training.meta_train.TrainSettings):
     # "constant" or "cosine" outer learning rate over the budget, "fp32" or
     # "bf16" autocast for the training step, channels-last 4-D weights.
-    lr_schedule: str = "constant"  # one of LR_SCHEDULES
+    lr_schedule: Literal[LR_SCHEDULES] = "constant"  # type: ignore[valid-type]
     # Deprecated: moved to runtime.precision ("" = use runtime.precision; a value
-    # from an older params file still wins, with a warning).
-    precision: str = ""
-    channels_last: bool = False
+    # from an older params file still wins, with a warning). Checked in checks.py,
+    # whose message says it is deprecated.
+    precision: Str = ""
+    channels_last: Bool = False
     # Where θ's backbone starts: "scratch" (random), "pretrain" (the
     # `pretrain` stage's backbone, models/pretrain) or "pretrained_file"
     # (model.pretrained only).
-    init: str = "scratch"
+    init: Literal[META_TRAIN_INITS] = "scratch"  # type: ignore[valid-type]
     # Optional wall-clock guard per algorithm (seconds of training, validation
     # excluded); 0 = off. Steps are the budget: a run this guard ends is not
     # reproducible and is marked (MLflow tag budget_hit=time, a WARNING line,
     # `budget_hit` in metrics/meta_train.json and the report).
-    time_budget_s: float = 0.0
+    time_budget_s: Float = bounded(0.0, ge=0, hint="0: no wall-clock guard; steps are the budget")
 
 
-@dataclass(frozen=True)
-class PretrainParams:
+class PretrainParams(ConfigModel):
     """Supervised pre-training of the backbone on every source class (the `pretrain` stage).
 
     datasets: source datasets whose meta_train split is pre-trained on (all
@@ -134,36 +143,26 @@ class PretrainParams:
         validation curve on fixed meta-val episodes of datasets[0].
     """
 
-    datasets: tuple[str, ...]
-    head: str
-    steps: int
-    batch_size: int
-    lr: float
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    lr_schedule: str = "cosine"
-    label_smoothing: float = 0.0
-    val_every: int = 100
-    val_episodes: int = 100
-    n_way: int = 5
-    k_shot: int = 1
-    n_query: int = 15
-    checkpoint_every: int = 100
-    augment: AugmentParams = field(default_factory=lambda: AugmentParams())
-    channels_last: bool = False  # train in channels-last layout (faster CPU kernels)
+    datasets: tuple[Str, ...]  # at least one (checks.py)
+    head: Literal[PRETRAIN_HEADS]  # type: ignore[valid-type]
+    steps: Int = bounded(ge=0)
+    batch_size: Int = bounded(ge=1)
+    lr: Float = bounded(gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: Float = bounded(0.0, ge=0)
+    lr_schedule: Literal[LR_SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    label_smoothing: Float = bounded(0.0, ge=0, lt=1)
+    val_every: Int = bounded(100, ge=1)
+    val_episodes: Int = bounded(100, ge=1)
+    n_way: Int = bounded(5, ge=2)
+    k_shot: Int = bounded(1, ge=1)
+    n_query: Int = bounded(15, ge=1)
+    checkpoint_every: Int = bounded(100, ge=0, hint="0: only at the end")
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    channels_last: Bool = False  # train in channels-last layout (faster CPU kernels)
 
 
-PRETRAIN_HEADS = ("cosine", "linear")
-
-
-META_TRAIN_INITS = ("scratch", "pretrain", "pretrained_file")
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-@dataclass(frozen=True)
-class UnlabeledParams:
+class UnlabeledParams(ConfigModel):
     """A target fitted without labels (`finetune.unlabeled.<target>`; docs/guide.md, "Targets without labels").
 
     k: clusters (>= 2); the model's classes are `cluster_0` .. `cluster_<k-1>`.
@@ -180,17 +179,16 @@ class UnlabeledParams:
         pseudo-label for self-training.
     """
 
-    k: int = 2
-    select_k: bool = False
-    k_max: int = 8
-    embedding: str = ""
-    temperature: float = 0.1
-    self_training_steps: int = 0
-    confidence: float = 0.9
+    k: Int = bounded(2, ge=2, hint="clusters")
+    select_k: Bool = False
+    k_max: Int = 8  # >= 2 with select_k (checks.py)
+    embedding: Str = ""
+    temperature: Float = bounded(0.1, gt=0)
+    self_training_steps: Int = bounded(0, ge=0, hint="0: no self-training")
+    confidence: Float = bounded(0.9, gt=0, lt=1)
 
 
-@dataclass(frozen=True)
-class FinetuneParams:
+class FinetuneParams(ConfigModel):
     """Target adaptation starting from the meta-learned φ.
 
     targets: target datasets (prepared, with train/val/test splits).
@@ -203,24 +201,24 @@ class FinetuneParams:
     force_method: "" chooses by target validation accuracy; a name forces it.
     """
 
-    targets: tuple[str, ...]
-    methods: tuple[str, ...]
-    shots_per_class: int
-    val_per_class: int
-    steps: int
-    lr: float
-    batch_size: int
-    train_layers: str  # "all" or "head"
-    eval_every: int
-    patience: int
-    force_method: str
-    checkpoint_every: int = 50  # steps between checkpoints (0: only at the end)
+    targets: tuple[Str, ...]
+    methods: tuple[Str, ...]
+    shots_per_class: Int = bounded(ge=1)
+    val_per_class: Int = bounded(ge=0)
+    steps: Int = bounded(ge=0)
+    lr: Float = bounded(gt=0)
+    batch_size: Int = bounded(ge=1)
+    train_layers: Literal["all", "head"]
+    eval_every: Int = bounded(ge=1)
+    patience: Int = bounded(ge=0)
+    force_method: Str
+    checkpoint_every: Int = bounded(50, ge=0)  # steps between checkpoints (0: only at the end)
     # Refuse (an error naming the classes) a target whose train split has a class
     # with fewer labelled images; 0 = no minimum. Classes are never dropped:
     # the head, evaluation and serving cover every class of the target.
-    min_images_per_class: int = 0
+    min_images_per_class: Int = bounded(0, ge=0)
     # Batch augmentation of the labelled target images (metatransfer/augment.py).
-    augment: AugmentParams = field(default_factory=lambda: AugmentParams())
+    augment: AugmentParams = Field(default_factory=AugmentParams)
     # Targets of `targets` that have no labels: clustered, not fine-tuned
     # (metatransfer/training/unsupervised.py); {} = every target is labelled.
-    unlabeled: dict[str, UnlabeledParams] = field(default_factory=dict)
+    unlabeled: dict[Str, UnlabeledParams] = Field(default_factory=dict)

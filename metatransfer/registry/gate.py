@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import field_validator
 
+from metatransfer.config import ConfigModel, Float, Int, Str, bounded
 from metatransfer.errors import MetatransferError
 from metatransfer.evaluation.stats import MeanCI, paired_difference
 
@@ -27,9 +29,8 @@ class RegistryError(MetatransferError):
     """A registry action cannot be done as asked (missing model, alias or history, bad gate settings)."""
 
 
-@dataclass(frozen=True)
-class GateSettings:
-    """The promotion gate.
+class GateSettings(ConfigModel):
+    """The promotion gate; a bad setting is a RegistryError naming `promote.<key>` when built.
 
     margin: minimum mean per-episode accuracy gain of the challenger (0.01 = one point).
     confidence: level of the paired interval of the per-episode difference.
@@ -38,22 +39,21 @@ class GateSettings:
     seed: seeds the split of the test images into episodes.
     """
 
-    margin: float = 0.01
-    confidence: float = 0.95
-    n_episodes: int = 20
-    baseline: str = "scratch"
-    seed: int = 0
+    error_where: ClassVar[str] = "promote"
+    error_type: ClassVar[type[Exception]] = RegistryError
 
-    def check(self) -> None:
-        """Raise RegistryError naming the bad setting."""
-        if not self.margin >= 0:
-            raise RegistryError(f"promote.margin: must be >= 0 (a minimum gain), found {self.margin}")
-        if not 0 < self.confidence < 1:
-            raise RegistryError(f"promote.confidence: must be in (0, 1), found {self.confidence}")
-        if self.n_episodes < 2:
-            raise RegistryError(f"promote.n_episodes: must be >= 2 (an interval needs two episodes), found {self.n_episodes}")
-        if not self.baseline:
-            raise RegistryError("promote.baseline: must name a finetune method (e.g. scratch)")
+    margin: Float = bounded(0.01, ge=0, hint="a minimum gain")
+    confidence: Float = bounded(0.95, gt=0, lt=1)
+    n_episodes: Int = bounded(20, ge=2, hint="an interval needs two episodes")
+    baseline: Str = "scratch"
+    seed: Int = 0
+
+    @field_validator("baseline")
+    @classmethod
+    def _names_a_method(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must name a finetune method (e.g. scratch)")
+        return value
 
 
 def gate_settings(params: Any = None, **overrides: Any) -> GateSettings:
@@ -65,6 +65,9 @@ def gate_settings(params: Any = None, **overrides: Any) -> GateSettings:
 
     Returns:
         Checked GateSettings.
+
+    Raises:
+        RegistryError: a bad setting, naming `promote.<key>`.
     """
     values: dict[str, Any] = {}
     if params is not None:
@@ -73,9 +76,7 @@ def gate_settings(params: Any = None, **overrides: Any) -> GateSettings:
         if section is not None:
             values.update({k: getattr(section, k) for k in ("margin", "confidence", "n_episodes", "baseline") if hasattr(section, k)})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    settings = GateSettings(**values)
-    settings.check()
-    return settings
+    return GateSettings(**values)
 
 
 def gate_episodes(n_images: int, n_episodes: int, seed: int) -> list[np.ndarray]:

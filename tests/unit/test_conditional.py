@@ -283,7 +283,7 @@ def test_description_file_round_trip(tmp_path: Path) -> None:
     ({"heads": 3}, r"meta_train\.hparams\.conditional\.heads: must divide dim \(64\), found 3"),
     ({"dim": 0}, r"meta_train\.hparams\.conditional\.dim: must be >= 1, found 0"),
     ({"use_description": "yes"}, r"meta_train\.hparams\.conditional\.use_description: expected bool, found str"),
-    ({"film_l2": -1.0}, r"meta_train\.hparams\.conditional\.film_l2: expected a number >= 0, found -1.0"),
+    ({"film_l2": -1.0}, r"meta_train\.hparams\.conditional\.film_l2: must be >= 0, found -1.0"),
     ({"colour": 1}, r"meta_train\.hparams\.conditional: unknown key\(s\) \['colour'\]"),
 ])
 def test_bad_hparams_are_refused_at_params_validation(hparams: dict, message: str) -> None:

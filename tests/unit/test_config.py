@@ -135,8 +135,10 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 
 def test_params_are_frozen(raw: dict) -> None:
     p = params_from_mapping(raw)
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValueError, match="frozen"):  # pydantic's frozen models refuse assignment
         p.seed = 3  # type: ignore[misc]
+    with pytest.raises(ValueError, match="frozen"):
+        p.meta_train.n_way = 3  # type: ignore[misc,union-attr]
 
 
 def test_flatten_gives_dotted_keys(raw: dict) -> None:
@@ -144,6 +146,9 @@ def test_flatten_gives_dotted_keys(raw: dict) -> None:
     assert flat["prepare.image_size"] == 32
     assert flat["pretrain.augment.crop_scale"] == (0.5, 1.0)
     assert flat["data.prepared_dir"] == "data/prepared"
+    # MLflow logs str(value): a list of sections reads as it did with dataclasses.
+    assert str(flat["meta_train.sources"]) == (
+        "(SourceMixParams(dataset='mini_imagenet', weight=1.0, k_shot=None, n_query=None, min_images_per_class=0),)")
 
 
 def test_unknown_algorithm_lists_valid_names(raw: dict) -> None:
@@ -154,7 +159,7 @@ def test_unknown_algorithm_lists_valid_names(raw: dict) -> None:
 
 def test_algorithm_hparams_validated_by_the_algorithm(raw: dict) -> None:
     raw["meta_train"]["hparams"] = {"fomaml": {"inner_lr": "fast"}}
-    with pytest.raises(ConfigError, match=r"meta_train.hparams.fomaml.inner_lr: expected float"):
+    with pytest.raises(ConfigError, match=r"meta_train\.hparams\.fomaml\.inner_lr: expected a number, found str \('fast'\)"):
         params_from_mapping(raw)
     raw["meta_train"]["hparams"] = {"fomaml": {"inner_lrr": 0.1}}
     with pytest.raises(ConfigError, match=r"meta_train.hparams.fomaml: unknown key\(s\) \['inner_lrr'\]"):
@@ -229,7 +234,7 @@ def test_negative_time_budget_is_refused(raw: dict) -> None:
 
 
 def test_learning_rate_hints_name_only_real_keys(raw: dict) -> None:
-    """The non-finite-step hint is read off each algorithm's hparams dataclass:
+    """The non-finite-step hint is read off each algorithm's hparams model:
     every key it names is accepted by params validation, and protonet (no inner
     step size) is pointed at meta_train.meta_lr alone."""
     from metatransfer.algorithms import CATALOG, algorithm_class
@@ -245,7 +250,9 @@ def test_learning_rate_hints_name_only_real_keys(raw: dict) -> None:
             *parents, leaf = key.split(".")
             for part in parents:
                 section = section.setdefault(part, {})
-            section[leaf] = 0.001  # a key that did not exist would be an "unknown key" error
+            # A key that did not exist would be an "unknown key" error. 0.01 is in range for every
+            # step size (metasgd's lr_init_high must stay >= its default lr_init_low, 0.005).
+            section[leaf] = 0.01
             params_from_mapping(bad)
 
 
@@ -277,3 +284,104 @@ def test_non_finite_steps_error_names_real_keys() -> None:
         meta_train(Exploding(), lambda: None, [], settings)
     msg = str(err.value)
     assert "(meta_train.meta_lr) and re-run" in msg and "hparams.protonet" not in msg
+
+
+# ------------------------------------------------- pydantic models, one error translator
+
+
+def _leaves(node: object, path: tuple = ()):
+    """Every (path, value) of a parsed YAML tree below its root."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for k, v in items:
+        yield path + (k,), v
+        yield from _leaves(v, path + (k,))
+
+
+def test_no_pydantic_text_reaches_the_user(raw: dict) -> None:
+    """Every key of params.yaml set to a wrong type or removed gives our message: the key path first, no
+    pydantic wording (`config_error` translates each kind of pydantic error)."""
+    raw["meta_train"]["hparams"]["reptile"] = {"inner_batch": 4}
+    checked = 0
+    for path, _ in list(_leaves(raw)):
+        for change in ("wrong type", "removed"):
+            bad = copy.deepcopy(raw)
+            node = bad
+            for part in path[:-1]:
+                node = node[part]
+            if change == "removed":
+                del node[path[-1]]
+            else:
+                node[path[-1]] = {"a": 1} if not isinstance(node[path[-1]], dict) else "x"
+            try:
+                params_from_mapping(bad)
+            except ConfigError as exc:
+                msg, checked = str(exc), checked + 1
+                assert msg.startswith("params.yaml: ") and msg.endswith(". Fix the key in params.yaml and re-run."), msg
+                for leak in ("pydantic", "validation error", "Input should", "[type=", "invalid value"):
+                    assert leak not in msg, msg
+    assert checked > 200  # most changes are errors (removing a key with a default is not)
+
+
+def test_hparams_ranges_and_choices_fail_when_params_yaml_is_loaded(raw: dict) -> None:
+    """Out-of-range hyper-parameters used to pass params validation and fail only when the learner was
+    built (inside a stage); the models refuse them at load, naming the key."""
+    for hp, message in [
+        ({"baseline": {"adapt_lr": -1}}, r"meta_train\.hparams\.baseline\.adapt_lr: must be > 0, found -1\.0"),
+        ({"scratch": {"steps": -1}}, r"meta_train\.hparams\.scratch\.steps: must be >= 0, found -1\b"),
+        ({"tim": {"label_smoothing": 1}}, r"meta_train\.hparams\.tim\.label_smoothing: must be in \[0, 1\), found 1\.0"),
+        ({"baseline": {"adapt_dampening": 1.5}}, r"meta_train\.hparams\.baseline\.adapt_dampening: must be in \[0, 1\)"),
+        ({"relationnet": {"class_pool": 3}}, r"meta_train\.hparams\.relationnet\.class_pool: expected str, found int \(3\)"),
+        ({"maml": {"inner_lrr": 1}}, r"meta_train\.hparams\.maml: unknown key\(s\) \['inner_lrr'\]; valid keys: \['eval_"),
+        ({"maml": {7: 1}}, r"meta_train\.hparams\.maml: expected str, found int \(7\)"),  # a key must be a string
+    ]:
+        raw["meta_train"]["hparams"] = hp
+        with pytest.raises(ConfigError, match=message):
+            params_from_mapping(raw)
+    raw["meta_train"]["hparams"] = {"baseline": {"adapt_dampening": 1.5, "adapt_momentum": 0.0}}  # no momentum: unused
+    assert params_from_mapping(raw).meta_train.hparams["baseline"]["adapt_dampening"] == 1.5
+
+
+def test_section_shapes_are_named(raw: dict) -> None:
+    bad = copy.deepcopy(raw)
+    bad["prepare"][7] = 1  # a key that is not a string is an unknown key too
+    with pytest.raises(ConfigError, match=r"params\.yaml: prepare: unknown key\(s\) \[7\]; valid keys: \['channels', "):
+        params_from_mapping(bad)
+    bad = copy.deepcopy(raw)
+    bad["prepare"]["image_folders"] = {"own": {"path": "x", "role": "target", "split_fractions": [0.5, 0.5]}}
+    with pytest.raises(ConfigError, match=r"prepare\.image_folders\.own\.split_fractions: expected a list of 3 items, found 2"):
+        params_from_mapping(bad)
+    bad = copy.deepcopy(raw)
+    bad["episodes"]["sets"] = {1: raw["episodes"]["sets"]["mini_imagenet_test"]}
+    with pytest.raises(ConfigError, match=r"params\.yaml: episodes\.sets: expected str, found int \(1\)"):
+        params_from_mapping(bad)
+    bad = copy.deepcopy(raw)
+    bad["meta_train"]["sources"][0]["weight"] = 0
+    with pytest.raises(ConfigError, match=r"meta_train\.sources\[0\]\.weight: must be > 0, found 0\.0"):
+        params_from_mapping(bad)
+
+
+def test_direct_construction_is_validated_with_the_same_messages() -> None:
+    """Code that builds a section or hyper-parameters itself gets the same checks and wording
+    (fields by name or, as with the dataclasses before, by position)."""
+    from metatransfer.algorithms.maml import MAMLHparams
+    from metatransfer.config import EpisodeSetParams
+    from metatransfer.registry.gate import GateSettings, RegistryError, gate_settings
+
+    assert EpisodeSetParams("d", "test", 2, [1, 5], 15, 10).shots == (1, 5)
+    with pytest.raises(ConfigError, match=r"^n_way: must be >= 2, found 1$"):
+        EpisodeSetParams("d", "test", 1, (1,), 15, 10)
+    with pytest.raises(TypeError, match="at most 7 positional fields"):
+        EpisodeSetParams("d", "test", 2, (1,), 15, 10, 0, 9)
+    with pytest.raises(ConfigError, match=r"^meta_train\.hparams\.maml\.inner_lr: expected a number, found str \('x'\)$"):
+        MAMLHparams(inner_lr="x")
+    with pytest.raises(ConfigError, match=r"^meta_train\.hparams\.maml: unknown key\(s\) \['inner_lrr'\]"):
+        MAMLHparams(inner_lrr=0.1)
+    # The promotion gate's settings: the same models, the registry's own error type.
+    with pytest.raises(RegistryError, match=r"^promote\.confidence: must be in \(0, 1\), found 1\.0$"):
+        GateSettings(confidence=1)
+    with pytest.raises(RegistryError, match=r"^promote\.baseline: must name a finetune method \(e\.g\. scratch\)$"):
+        gate_settings(None, baseline="")
+    with pytest.raises(RegistryError, match=r"^promote\.n_episodes: must be >= 2 \(an interval needs two episodes\), found 1$"):
+        gate_settings(None, n_episodes=1)
+    assert gate_settings(None, margin=0).model_dump() == {
+        "margin": 0.0, "confidence": 0.95, "n_episodes": 20, "baseline": "scratch", "seed": 0}

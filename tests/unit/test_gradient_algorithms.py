@@ -372,15 +372,18 @@ def test_hparams_defaults_and_validation():
         inner_lr=0.4, inner_steps=1, eval_inner_steps=3, first_order=False
     )
     assert ReptileHparams().inner_optimizer == "adam" and ReptileHparams().eval_inner_steps == 50
-    with pytest.raises(ConfigError, match="inner_optimizer: expected one of"):
+    with pytest.raises(ConfigError, match=r"reptile\.inner_optimizer: must be one of \['adam', 'sgd'\], found 'rmsprop'"):
         build("reptile", inner_optimizer="rmsprop")
-    with pytest.raises(ConfigError, match="inner_batch: expected 0"):
+    with pytest.raises(ConfigError, match=r"reptile\.inner_batch: must be 0 \(full batch\) or >= 2 .*, found 1"):
         build("reptile", inner_batch=1)
-    with pytest.raises(ConfigError, match="outer_step_size: expected >= 0"):
+    with pytest.raises(ConfigError, match=r"reptile\.outer_step_size: must be >= 0 \(0 = Adam at meta_train\.meta_lr\), found -1\.0"):
         build("reptile", outer_step_size=-1.0)
+    # A direct construction is refused the same way, naming the algorithm's params key.
+    with pytest.raises(ConfigError, match=r"^meta_train\.hparams\.reptile\.inner_batch: must be 0"):
+        ReptileHparams(inner_batch=-2)
     adam = build("reptile").outer_optimizer(3e-4)
     assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 3e-4
-    with pytest.raises(ConfigError, match="lr_init_low"):
+    with pytest.raises(ConfigError, match=r"metasgd\.lr_init_low: must be <= lr_init_high \(0\.1\), found 0\.5"):
         build("metasgd", lr_init_low=0.5, lr_init_high=0.1)
     with pytest.raises(ConfigError, match="unknown key"):
         build("fomaml", first_order=False)

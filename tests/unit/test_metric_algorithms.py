@@ -101,10 +101,10 @@ def test_registry_resolves_each_metric_learner(name: str) -> None:
     [
         ("protonet", {"distance": "cosine"}, "unknown key(s) ['distance']"),
         ("matchingnet", {"fce": 1}, "matchingnet.fce: expected bool"),
-        ("matchingnet", {"fce_steps": 0}, "fce_steps: expected an integer >= 1, found 0"),
-        ("relationnet", {"class_pool": "max"}, "class_pool: expected 'sum' or 'mean', found 'max'"),
+        ("matchingnet", {"fce_steps": 0}, "meta_train.hparams.matchingnet.fce_steps: must be >= 1, found 0"),
+        ("relationnet", {"class_pool": "max"}, "relationnet.class_pool: must be one of ['sum', 'mean'], found 'max'"),
         ("relationnet", {"unpooled_blocks": 5}, "unpooled_blocks: expected 0..4, found 5"),
-        ("tadam", {"metric_scale_init": 0.0}, "metric_scale_init: expected a positive number"),
+        ("tadam", {"metric_scale_init": 0.0}, "meta_train.hparams.tadam.metric_scale_init: must be > 0, found 0.0"),
     ],
 )
 def test_bad_hparams_are_refused_with_the_key_named(name: str, hparams: dict, fragment: str) -> None:
