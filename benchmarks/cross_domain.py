@@ -35,7 +35,6 @@ target in the "benchmarks" experiment, and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -80,10 +79,10 @@ def learners(params: Any, prepared: Path, algorithms: list[str], minutes: float,
             out[algorithm] = build_algorithm(algorithm, backbone_spec(params), m.n_way, m.hparams.get(algorithm))
             records[algorithm] = {"meta_trained": False}
             continue
-        mt = dataclasses.replace(m, sources=sources, time_budget_s=minutes * 60, steps=10**9,
+        mt = m.model_copy(update=dict(sources=sources, time_budget_s=minutes * 60, steps=10**9,
                                  precision=args.precision, channels_last=args.channels_last,
-                                 lr_schedule=args.lr_schedule)
-        p = dataclasses.replace(params, meta_train=mt)
+                                 lr_schedule=args.lr_schedule))
+        p = params.model_copy(update=dict(meta_train=mt))
         t0 = time.perf_counter()
         result = train_one(algorithm, p, prepared)
         out[algorithm] = result.learner

@@ -43,7 +43,6 @@ the "benchmarks" experiment, and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -128,7 +127,7 @@ def ensure_prepared(prepared: Path, image_size: int, params: Params) -> None:
     mirror = mirror if mirror.is_absolute() else ROOT / mirror
     t0 = time.perf_counter()
     fetch(DATASET, prepared.parent / "raw", mirror)
-    pp = dataclasses.replace(params.prepare, image_size=image_size, channels=3, meta_val_classes=0)
+    pp = params.prepare.model_copy(update=dict(image_size=image_size, channels=3, meta_val_classes=0))
     prepare(pp, (DATASET,), prepared.parent / "raw", prepared, params.seed)
     print(f"prepared {DATASET} at {image_size} px into {prepared} in {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -170,8 +169,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     params = load_params(args.params)
-    params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, image_size=args.image_size,
-                                                                    channels=3))
+    params = params.model_copy(update=dict(prepare=params.prepare.model_copy(update=dict(image_size=args.image_size,
+                                                                    channels=3))))
     prepared = Path(args.prepared or f"/tmp/bench/prepared{args.image_size}").resolve()
     ensure_prepared(prepared, args.image_size, params)
     train = load_split(prepared, DATASET, "meta_train")
@@ -193,8 +192,8 @@ def main() -> None:
     pre_clock = Clock()
     if args.pretrain_steps > 0:
         p = params.pretrain
-        p = dataclasses.replace(p, steps=args.pretrain_steps, batch_size=args.pretrain_batch or p.batch_size,
-                                val_every=args.val_every, channels_last=args.channels_last)
+        p = p.model_copy(update=dict(steps=args.pretrain_steps, batch_size=args.pretrain_batch or p.batch_size,
+                                val_every=args.val_every, channels_last=args.channels_last))
         torch.manual_seed(params.seed)
         pre = build_algorithm("baselinepp", spec, 5, None, num_classes=len(train.class_names))
         result = pretrain(pre.backbone, pre.head, [train.images], [train.labels], val_episodes, settings_of(p),

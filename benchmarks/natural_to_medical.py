@@ -44,7 +44,6 @@ run per target in the "benchmarks" experiment, and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -121,7 +120,7 @@ def ensure_prepared(prepared: Path, image_size: int, params: Params) -> None:
     t0 = time.perf_counter()
     for name in need:
         fetch(name, raw, mirror)
-    pp = dataclasses.replace(params.prepare, image_size=image_size, channels=3, meta_val_classes=0)
+    pp = params.prepare.model_copy(update=dict(image_size=image_size, channels=3, meta_val_classes=0))
     assert isinstance(pp, PrepareParams)
     prepare(pp, tuple(need), raw, prepared, params.seed)
     print(f"prepared {sorted(need)} at {image_size} px into {prepared} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -163,7 +162,7 @@ def train_learners(params: Params, work: Path, reuse: bool,
         if reuse and folder.is_dir():
             learners[name] = load_learner(folder)
             continue
-        p = dataclasses.replace(params, meta_train=dataclasses.replace(params.meta_train, init=init))
+        p = params.model_copy(update=dict(meta_train=params.meta_train.model_copy(update=dict(init=init))))
         result, wall, cpu = timed(train_one, algorithm, p, work / "prepared_link", root=work)
         save_learner(result.learner, folder)
         learners[name] = result.learner
@@ -234,15 +233,14 @@ def main() -> None:
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(prepared)
-    params = dataclasses.replace(
-        params,
-        data=dataclasses.replace(params.data, prepared_dir="prepared_link"),
-        prepare=dataclasses.replace(params.prepare, image_size=args.image_size, channels=3),
-        pretrain=dataclasses.replace(params.pretrain, steps=args.pretrain_steps or params.pretrain.steps,
-                                     val_every=min(params.pretrain.val_every, args.pretrain_steps or 10**9)),
-        meta_train=dataclasses.replace(params.meta_train, steps=args.meta_steps or params.meta_train.steps,
-                                       val_every=min(params.meta_train.val_every, args.meta_steps or 10**9)),
-    )
+    params = params.model_copy(update=dict(
+        data=params.data.model_copy(update=dict(prepared_dir="prepared_link")),
+        prepare=params.prepare.model_copy(update=dict(image_size=args.image_size, channels=3)),
+        pretrain=params.pretrain.model_copy(update=dict(steps=args.pretrain_steps or params.pretrain.steps,
+                                     val_every=min(params.pretrain.val_every, args.pretrain_steps or 10**9))),
+        meta_train=params.meta_train.model_copy(update=dict(steps=args.meta_steps or params.meta_train.steps,
+                                       val_every=min(params.meta_train.val_every, args.meta_steps or 10**9))),
+    ))
     f = params.finetune
     pmf_settings = FinetuneSettings(steps=args.pmf_steps, lr=args.pmf_lr or f.lr, batch_size=f.batch_size,
                                     train_layers="all", eval_every=max(1, args.pmf_steps), patience=0,
@@ -320,7 +318,7 @@ def main() -> None:
            "image_size": args.image_size, "episodes": args.episodes,
            "episode_split": "target test split (15 queries per class, RetinaMNIST 10)",
            "pmf": {"steps": pmf_settings.steps, "lr": pmf_settings.lr, "batch_size": pmf_settings.batch_size,
-                   "augment": dataclasses.asdict(pmf_settings.augment), "precision": pmf_settings.precision},
+                   "augment": pmf_settings.augment.model_dump(), "precision": pmf_settings.precision},
            "training": training, "targets": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -4,7 +4,7 @@ Reads the section 5 learners (/tmp/bench/n2m32, made by natural_to_medical.py) a
 store (/tmp/scen/prepared32); scores 30 fixed val-split episodes per target; prints one line per variant.
 Usage: .venv/bin/python benchmarks/explore/n2m32_finetune_lr.py [variant,...]
 """
-import sys, time, logging, dataclasses
+import sys, time, logging
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks")); sys.path.insert(0, str(ROOT))
 import numpy as np, torch
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 P = "/tmp/scen/prepared32"; W = "/tmp/bench/n2m32"
 params = load_params(ROOT / "params.yaml")
 import pathlib
-params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, image_size=32, channels=3))
+params = params.model_copy(update=dict(prepare=params.prepare.model_copy(update=dict(image_size=32, channels=3))))
 bpp = load_learner(pathlib.Path(W) / "models/pretrain"); pn = load_learner(pathlib.Path(W) / "models/meta/protonet")
 torch.manual_seed(0)
 scratch = build_algorithm("scratch", backbone_spec(params), 5, params.meta_train.hparams.get("scratch"))

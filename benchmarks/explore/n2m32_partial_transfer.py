@@ -4,7 +4,7 @@ Reads the section 5 learners (/tmp/bench/n2m32) and the 32 px store (/tmp/scen/p
 scratch's recipe with the first j Conv-4 blocks copied from the pre-trained (bpp<j>) or ProtoNet (pn<j>) backbone.
 Usage: .venv/bin/python benchmarks/explore/n2m32_partial_transfer.py [variant,...]
 """
-import sys, time, logging, dataclasses, copy, pathlib
+import sys, time, logging, copy, pathlib
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import numpy as np, torch
@@ -21,10 +21,10 @@ logging.basicConfig(level=logging.WARNING)
 torch.set_num_threads(1)
 P = "/tmp/scen/prepared32"; W = pathlib.Path("/tmp/bench/n2m32")
 params = load_params(ROOT / "params.yaml")
-params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, image_size=32, channels=3))
+params = params.model_copy(update=dict(prepare=params.prepare.model_copy(update=dict(image_size=32, channels=3))))
 src = {"bpp": load_learner(W / "models/pretrain"), "pn": load_learner(W / "models/meta/protonet")}
 def make(j, which="bpp", steps=25, lr=1e-3):
-    hp = dataclasses.replace(params.meta_train.hparams.get("scratch"), steps=steps, lr=lr) if False else None
+    hp = params.meta_train.hparams.get("scratch").model_copy(update=dict(steps=steps, lr=lr)) if False else None
     torch.manual_seed(0)
     s = build_algorithm("scratch", backbone_spec(params), 5, params.meta_train.hparams.get("scratch"))
     if j == 0: return s
