@@ -26,7 +26,7 @@ class DataParams(ConfigModel):
     prepared_dir: Str
 
 
-IMAGE_FOLDER_LAYOUTS = ("auto", "class", "split/class", "domain/class")
+IMAGE_FOLDER_LAYOUTS = ("auto", "class", "split/class", "domain/class", "flat")
 
 
 class ImageFolderParams(ConfigModel):

@@ -131,12 +131,16 @@ def test_layout_auto_detects_flat_and_layout_class_on_a_flat_folder_says_so(tmp_
     assert imp.detect_layout(folder) == "flat"
     data = imp.import_image_folder(folder, "f")
     assert (data.layout, data.class_order, sorted(set(data.meta["class"]))) == ("flat", (), ["f/"])
+    explicit = imp.import_image_folder(folder, "f", "flat")  # params may name the layout too
+    assert (explicit.layout, list(explicit.meta["source_path"])) == ("flat", list(data.meta["source_path"]))
+    entry = {"path": str(folder), "role": "target", "layout": "flat", "split_fractions": [1, 0, 0]}
+    assert params_from_mapping(raw_params({"f": entry})).prepare.image_folders["f"].layout == "flat"
     with pytest.raises(DataError) as err:
         imp.import_image_folder(folder, "f", "class")
     assert str(err.value) == (
         f"{folder}: no usable image found (2 file(s) quarantined); expected class/image.* files (layout class). "
         "Every file lies at the top: a folder without class sub-folders is read as an unlabelled dataset with "
-        "layout auto (docs/guide.md, \"Targets without labels\").")
+        "layout auto or flat (docs/guide.md, \"Targets without labels\").")
 
 
 def test_schema_keeps_unlabelled_rows_apart(tmp_path: Path) -> None:

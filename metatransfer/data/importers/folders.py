@@ -241,7 +241,7 @@ def import_image_folder(root: Path, dataset: str, layout: str = "auto", relative
         flat = bool(files) and all(depth[p] == 1 for p in files)
         hint = "" if not flat or layout == "flat" else (
             " Every file lies at the top: a folder without class sub-folders is read as an unlabelled "
-            "dataset with layout auto (docs/guide.md, \"Targets without labels\").")
+            "dataset with layout auto or flat (docs/guide.md, \"Targets without labels\").")
         raise DataError(f"{root}: no usable image found ({len(quarantine)} file(s) quarantined); expected "
                         f"{'image.*' if layout == 'flat' else layout + '/image.*'} files (layout {layout}).{hint}")
     order = tuple(sorted({class_of(c.relative_to(root).parts + ("x",)) for c in class_dirs}))
