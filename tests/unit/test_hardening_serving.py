@@ -146,7 +146,7 @@ def loaded(tiny, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.parametrize("case", ["shape", "range", "json", "content type"])
 def test_4xx_messages_lead_with_the_reason_and_quote_only_a_prefix(loaded, case: str) -> None:
-    from metatransfer.serving.server import ECHO_CHARS, reason_first
+    from metatransfer.serving.answers import ECHO_CHARS, reason_first
 
     body, ctype, lead = {
         "shape": (json.dumps({"inputs": np.zeros((40, CHANNELS, 10, 10)).tolist()}), "application/json",
