@@ -13,8 +13,9 @@ Loading never runs code from the artifact: weights are read with safetensors
 (a pickle, `torch.save` file or anything else is refused before any byte of it
 is interpreted), the config is plain JSON, and both are checked against
 checksums.json and, when the caller knows it, against the weights' SHA-256
-recorded in MLflow / metrics (`expected_sha256`). `pickle_files` finds pickles
-in a folder tree (used by the tests over every artifact the pipeline writes).
+recorded in MLflow / metrics (`expected_sha256`). Telling a pickle from
+safetensors without unpickling it, and finding pickles in a folder tree, is
+`metatransfer/pickles.py`.
 
 Logged MLflow models hold data only: their MLmodel names an installed module
 of `metatransfer.serving` as the pyfunc loader. `check_model_code` refuses a
@@ -39,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from metatransfer.errors import MetatransferError, is_disk_full
 from metatransfer.io import sha256_file
+from metatransfer.pickles import pickle_files, safetensors_problem
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -154,33 +156,14 @@ def load_state(
     return state, json.loads((folder / CONFIG).read_text())
 
 
-# Leading bytes of formats that execute code or need pickle to load: pickle
-# protocol 2-5 (b"\x80" + protocol byte) and zip (torch.save's default format).
-_PICKLE_MAGIC = tuple(bytes([0x80, p]) for p in range(2, 6))
-_ZIP_MAGIC = b"PK\x03\x04"
-
-
 def _refuse_non_safetensors(path: Path) -> None:
-    """Raise ArtifactError unless `path` has a well-formed safetensors header.
+    """Raise ArtifactError unless `path` has a well-formed safetensors header (`pickles.safetensors_problem`).
 
-    Only the header is parsed (8-byte length + JSON), so nothing in the file can
-    run; the message says what the file looks like instead.
+    Only the header is parsed, so nothing in the file can run; the message says
+    what the file looks like instead.
     """
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = path.stat().st_size
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        ok = 0 < n <= size - 8
-        if ok:
-            header = f.read(n)
-            try:
-                ok = isinstance(json.loads(header), dict)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                ok = False
-    if not ok:
-        kind = ("a Python pickle" if head[:2] in _PICKLE_MAGIC else
-                "a zip archive (torch.save format, which holds a pickle)" if head[:4] == _ZIP_MAGIC else
-                "not a safetensors file")
+    kind = safetensors_problem(path)
+    if kind is not None:
         raise ArtifactError(
             f"{path}: {kind}; refusing to load it (weights are only read as safetensors, "
             "pickled weights are never loaded because unpickling runs code). Re-create the "
@@ -203,40 +186,6 @@ def verify_weights(folder: str | Path, expected_sha256: str) -> None:
             f"{path}: SHA-256 {found} differs from the recorded {expected_sha256}; the model was "
             "replaced after training. Refusing to use it; re-run the stage that wrote it."
         )
-
-
-def pickle_files(root: str | Path) -> list[Path]:
-    """Files under `root` that are pickles or pickle containers (by name or content).
-
-    Looks at the extension (.pkl, .pickle, .pt, .pth, .joblib) and the leading
-    bytes (pickle protocol 2-5, or a zip archive holding a `data.pkl`, i.e.
-    torch.save's format). A safetensors file whose length header happens to
-    start with 0x80 is recognised by its header and not reported.
-
-    Returns:
-        The offending paths, sorted.
-    """
-    import zipfile
-
-    found = []
-    for path in sorted(Path(root).rglob("*")):
-        if not path.is_file():
-            continue
-        if path.suffix.lower() in (".pkl", ".pickle", ".pt", ".pth", ".joblib"):
-            found.append(path)
-            continue
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head[:2] in _PICKLE_MAGIC:
-            try:
-                _refuse_non_safetensors(path)
-            except ArtifactError:
-                found.append(path)
-        elif head == _ZIP_MAGIC and zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                if any(n.endswith(".pkl") for n in z.namelist()):
-                    found.append(path)
-    return found
 
 
 # The installed modules an MLflow model of this project may name as its pyfunc
