@@ -25,13 +25,7 @@ def plot_curves(
     for name, rows in curves.items():
         if rows:
             ax.plot([r[x] for r in rows], [r[y] for r in rows], marker="o", ms=3, label=name)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, (x, y, title), path)
 
 
 def plot_accuracy_vs_shots(
@@ -52,13 +46,7 @@ def plot_accuracy_vs_shots(
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({k for v in table.values() for k in v}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("shots (labelled images per class)")
-    ax.set_ylabel("accuracy (%) ± 95% CI")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, ("shots (labelled images per class)", "accuracy (%) ± 95% CI", title), path)
 
 
 def plot_paired_differences(
@@ -218,13 +206,8 @@ def plot_embedding_map(
         sel = keep[y[keep] == c]
         if sel.size:
             ax.scatter(xy[sel, 0], xy[sel, 1], s=9, alpha=0.7, color=cmap(c % cmap.N), label=f"{_short(name)} ({sel.size})")
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, markerscale=1.5, loc="best")
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, ("PC 1", "PC 2", title), path, title_kw={"fontsize": 10},
+                   legend_kw={"fontsize": 7, "markerscale": 1.5, "loc": "best"})
 
 
 def _short(name: str, width: int = 18) -> str:
@@ -238,6 +221,25 @@ def _as_numpy(a: Any) -> np.ndarray:
     if hasattr(a, "detach"):
         a = a.detach().cpu().numpy()
     return np.asarray(a)
+
+
+def _finish(
+    fig: Any, ax: Any, labels: tuple[str, str, str], path: str | Path,
+    title_kw: dict[str, Any] | None = None, legend_kw: dict[str, Any] | None = None,
+) -> Path:
+    """Label (x, y, title), grid, legend, lay out and save: how every line and scatter plot here ends.
+
+    `title_kw` and `legend_kw` are passed only when given, so matplotlib's own
+    defaults (rcParams) size the title; the legend defaults to fontsize 8.
+    """
+    xlabel, ylabel, title = labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **(title_kw or {}))
+    ax.grid(alpha=0.3)
+    ax.legend(**(legend_kw or {"fontsize": 8}))
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: str | Path) -> Path:

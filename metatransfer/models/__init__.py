@@ -64,34 +64,25 @@ class BackboneSpec:
     stem: str = "auto"
 
 
+def _common_args(spec: BackboneSpec, track_running_stats: bool) -> dict:
+    """The constructor arguments every backbone takes."""
+    return {"in_channels": spec.in_channels, "image_size": spec.image_size, "track_running_stats": track_running_stats}
+
+
 def _build_resnet12(spec: BackboneSpec, track_running_stats: bool) -> nn.Module:
     from metatransfer.models.resnet12 import ResNet12
 
-    return ResNet12(
-        in_channels=spec.in_channels,
-        image_size=spec.image_size,
-        track_running_stats=track_running_stats,
-    )
+    return ResNet12(**_common_args(spec, track_running_stats))
 
 
 def _build_resnet18(spec: BackboneSpec, track_running_stats: bool) -> nn.Module:
     from metatransfer.models.resnet18 import ResNet18
 
-    return ResNet18(
-        in_channels=spec.in_channels,
-        image_size=spec.image_size,
-        stem=spec.stem,
-        track_running_stats=track_running_stats,
-    )
+    return ResNet18(stem=spec.stem, **_common_args(spec, track_running_stats))
 
 
 def _build_conv4(spec: BackboneSpec, track_running_stats: bool) -> nn.Module:
-    return Conv4(
-        in_channels=spec.in_channels,
-        image_size=spec.image_size,
-        hidden=spec.hidden,
-        track_running_stats=track_running_stats,
-    )
+    return Conv4(hidden=spec.hidden, **_common_args(spec, track_running_stats))
 
 
 BACKBONES = {"conv4": _build_conv4, "resnet12": _build_resnet12, "resnet18": _build_resnet18}

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from metatransfer.models.resnet18 import init_resnet_weights
+
 N_BLOCKS = 4
 LEAK = 0.1
 
@@ -107,16 +109,7 @@ class ResNet12(nn.Module):
         self.encoder = nn.Sequential(*blocks)
         self.out_dim = channels[-1]
         self.feature_shape = (channels[-1], side, side)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """Kaiming-normal convs for LeakyReLU, BatchNorm at identity (the usual ResNet init)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, a=LEAK, mode="fan_out", nonlinearity="leaky_relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self, "leaky_relu", LEAK)  # Kaiming-normal convs for LeakyReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return features (B, out_dim): the global average of the last map."""

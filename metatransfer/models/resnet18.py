@@ -67,6 +67,21 @@ def _halve(side: int) -> int:
     return (side - 1) // 2 + 1
 
 
+def init_resnet_weights(model: nn.Module, nonlinearity: str = "relu", a: float = 0.0) -> None:
+    """The usual ResNet initialisation (torchvision's): Kaiming-normal (fan_out) convs, BatchNorm at identity.
+
+    Args:
+        model: every Conv2d and BatchNorm2d in it is initialised, in `modules()` order.
+        nonlinearity, a: passed to `nn.init.kaiming_normal_` ("leaky_relu" with its slope `a` for ResNet-12).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, a=a, mode="fan_out", nonlinearity=nonlinearity)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class BasicBlock(nn.Module):
     """torchvision's BasicBlock: conv3x3-BN-ReLU-conv3x3-BN, + identity or 1x1 downsample, ReLU.
 
@@ -161,16 +176,7 @@ class ResNet18(nn.Module):
             side = _halve(side)
         self.out_dim = LAYER_CHANNELS[-1]
         self.feature_shape = (LAYER_CHANNELS[-1], side, side)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """torchvision's initialisation: Kaiming-normal (fan_out, ReLU) convs, BatchNorm at identity."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self)  # torchvision's initialisation
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Return layer4's map (B, *feature_shape), used by Relation Networks."""

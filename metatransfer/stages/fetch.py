@@ -55,11 +55,7 @@ def run(params, root: Path) -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry: `python -m metatransfer.stages.fetch [--params params.yaml]`.
-
-    Returns:
-        0 on success, 1 on a data/config error (logged, no traceback).
-    """
+    """Entry: `python -m metatransfer.stages.fetch [--params params.yaml]` (0, or 1 on a data or config error)."""
     from metatransfer.stages.common import run_stage
 
     return run_stage("fetch", argv, run)

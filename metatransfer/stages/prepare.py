@@ -60,11 +60,7 @@ def run(params, root: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry: `python -m metatransfer.stages.prepare [--params params.yaml]`.
-
-    Returns:
-        0 on success, 1 on a data/config error (logged, no traceback).
-    """
+    """Entry: `python -m metatransfer.stages.prepare [--params params.yaml]` (0, or 1 on a data or config error)."""
     from metatransfer.stages.common import run_stage
 
     return run_stage("prepare", argv, run)
