@@ -148,8 +148,9 @@ def run(params: Params, root: Path) -> dict[str, Any]:
         for algorithm in m.algorithms:
             with tracking.child_run(f"meta_train/{algorithm}", tags={"algorithm": algorithm, "stage": "meta_train"}):
                 tracking.log_params({f"algorithm": algorithm, **{f"hparams.{k}": v for k, v in (m.hparams.get(algorithm) or {}).items()}})
-                result = train_one(algorithm, params, prepared, sink=tracking.metric_sink(),
-                                   checkpoint_dir=checkpoints / algorithm, root=root)
+                with tracking.metric_sink() as sink:  # batched; written on the way out, even when training fails
+                    result = train_one(algorithm, params, prepared, sink=sink,
+                                       checkpoint_dir=checkpoints / algorithm, root=root)
                 sums = save_learner(result.learner, layout.meta_learner(algorithm), extra={"best_step": result.best_step})
                 # Recorded in MLflow so a loaded artifact can be checked against the run that made it.
                 tracking.log_params({"weights_sha256": sums["model.safetensors"],

@@ -96,9 +96,10 @@ def run(params: Params, root: Path) -> dict[str, Any]:
                                  tracking.dvc_out_md5(root, layout.prepared_key), "pretrain")
         device = runtime.device_for(params)
         precision = runtime.precision_for(params)
-        learner, result, n_classes = train(params, root, sink=tracking.metric_sink(),
-                                           checkpoint_dir=checkpoints, device=device,
-                                           autocast=lambda: runtime.autocast(device, precision))
+        with tracking.metric_sink() as sink:  # batched; written on the way out, even when training fails
+            learner, result, n_classes = train(params, root, sink=sink,
+                                               checkpoint_dir=checkpoints, device=device,
+                                               autocast=lambda: runtime.autocast(device, precision))
         sums = save_learner(learner, out, extra={"best_step": result.best_step, "source_classes": n_classes})
         summary = {"best_val_acc": result.best_val_acc, "best_step": result.best_step, "steps": result.steps_done,
                    "source_classes": n_classes, "weights_sha256": sums["model.safetensors"]}

@@ -35,7 +35,7 @@ those it made: an alias never points at a version whose run did not finish.
 
 Modules: `store` (the store's URI, WAL and set-up lock), `runs` (stage, child and
 pipeline runs, their owners and the reaper), `record` (params, metrics, tags,
-artifacts, datasets of the active run; reports/run_facts.json), `models`
+artifacts, datasets of the active run; the batching step-metric sink; reports/run_facts.json), `models`
 (pyfunc target models and few-shot learners). The names below are the
 package's public interface.
 """
@@ -46,6 +46,7 @@ from metatransfer.journal import CHANGES_TAG, record_registry_change, registry_c
 from metatransfer.provenance import dvc_out_md5, git_commit
 from metatransfer.tracking.record import (
     RUN_FACTS_PATH,
+    MetricBatch,
     log_artifact,
     log_dataset,
     log_dict,
@@ -75,7 +76,7 @@ from metatransfer.tracking.runs import (
 from metatransfer.tracking.store import EXPERIMENT, SQLITE_TIMEOUT_S, configure, enable_wal, sqlite_path, tracking_uri
 
 __all__ = [
-    "CHANGES_TAG", "EXPERIMENT", "OWNER_TAGS", "PARENT_ENV", "REAPED_TAG", "RUN_FACTS_PATH", "SQLITE_TIMEOUT_S",
+    "CHANGES_TAG", "EXPERIMENT", "MetricBatch", "OWNER_TAGS", "PARENT_ENV", "REAPED_TAG", "RUN_FACTS_PATH", "SQLITE_TIMEOUT_S",
     "at_run_end", "begin_pipeline_run", "child_run", "configure", "dvc_out_md5", "enable_wal", "end_pipeline_run",
     "git_commit", "log_artifact", "log_class_names", "log_dataset", "log_dict", "log_few_shot_model", "log_metrics",
     "log_params", "log_target_model", "metric_sink", "owner_tags", "parent_run", "read_run_facts", "reap_stale_runs",
