@@ -173,11 +173,14 @@ def evaluate_unlabeled_targets(params: Params, root: Path) -> dict[str, Any]:
     Returns:
         {target: {"chosen", "reason", "k", "class_names", "methods": {method: {"nmi", "ari", "matched_acc",
         "majority_rate", "images", "clusters_used", "k", "silhouette"}}}}; {} without unlabelled targets.
+        A target prepared without any label (no hidden labels either) gets "scoring":
+        `NO_LABELS_TO_SCORE`, no class names and per method only "k" and "silhouette".
     """
     import json
 
     from metatransfer import runtime
-    from metatransfer.evaluation.clustering import clustering_scores
+    from metatransfer.data.store import has_labels
+    from metatransfer.evaluation.clustering import NO_LABELS_TO_SCORE, clustering_scores
 
     out: dict[str, Any] = {}
     if params.finetune is None or not params.finetune.unlabeled:
@@ -187,9 +190,16 @@ def evaluate_unlabeled_targets(params: Params, root: Path) -> dict[str, Any]:
     for target in params.finetune.targets:
         if target not in params.finetune.unlabeled:
             continue
+        selection = json.loads(layout.selection(target).read_text())
+        if not has_labels(layout.prepared_dir, target):  # no test split, no hidden labels: say so
+            fits = selection["methods"]
+            out[target] = {"chosen": selection["chosen"], "reason": selection["reason"],
+                           "k": selection["unlabeled"]["k"], "class_names": [], "scoring": NO_LABELS_TO_SCORE,
+                           "methods": {m: {"k": f["k"], "silhouette": f["silhouette"]} for m, f in fits.items()}}
+            log.info("%s: %s (silhouette only)", target, NO_LABELS_TO_SCORE)
+            continue
         test = load_split(layout.prepared_dir, target, "test")
         x = to_float(test.images).to(device)
-        selection = json.loads(layout.selection(target).read_text())
         out[target] = {"chosen": selection["chosen"], "reason": selection["reason"],
                        "k": selection["unlabeled"]["k"], "class_names": list(test.class_names), "methods": {}}
         for method, fit in selection["methods"].items():
@@ -209,6 +219,14 @@ def unlabeled_report_lines(unlabeled: dict[str, Any]) -> list[str]:
     """Markdown lines of reports/evaluate.md for the unlabelled targets (none without them)."""
     lines: list[str] = []
     for target, t in unlabeled.items():
+        if t.get("scoring"):  # prepared without labels: the silhouette is all there is
+            lines += ["", f"## Unlabelled target: {target} (clustering, no labels)", "",
+                      f"No labels were used for training; k={t['k']}, clustering in the {t['chosen']} embedding; "
+                      f"{t['scoring']}. Shipped: **{t['chosen']}** ({t['reason']}).", "",
+                      "| method | k | silhouette (train) |", "|---|---|---|"]
+            lines += [f"| {m}{' (shipped)' if m == t['chosen'] else ''} | {r['k']} | {r['silhouette']:.4f} |"
+                      for m, r in t["methods"].items()]
+            continue
         lines += ["", f"## Unlabelled target: {target} (clustering, full test split)", "",
                   f"No labels were used for training; k={t['k']}, clustering in the {t['chosen']} embedding; "
                   f"scored against hidden labels ({len(t['class_names'])} classes). Shipped: **{t['chosen']}** "
@@ -319,7 +337,8 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             metrics["unlabeled_targets"] = unlabeled
             for target, t in unlabeled.items():
                 for m, r in t["methods"].items():
-                    tracking.log_metrics({f"target/{target}/{m}/{key}": r[key] for key in ("nmi", "ari", "matched_acc")})
+                    tracking.log_metrics({f"target/{target}/{m}/{key}": r[key] for key in ("nmi", "ari", "matched_acc")
+                                          if key in r})  # none without labels
         write_json(layout.metrics("evaluate"), metrics)
         for set_name, by_method in table.items():
             rows = [{"method": m, "shots": int(k), "acc": r["acc_mean"], "ci95": r["acc_ci95"]}

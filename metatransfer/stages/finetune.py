@@ -10,8 +10,9 @@ The shipped model of every target is registered in the MLflow Model Registry
 as a new version of `metatransfer-<target>` (alias `challenger`), and the
 few-shot learner of the chosen method as `metatransfer-<target>-learner`;
 both carry the data version, git commit, params digest and the validation
-table (metatransfer/registry/publish.py). Promotion to `champion` is a separate
-registry action (`metatransfer promote`)."""
+table (metatransfer/registry/publish.py). An unlabelled target's cluster model
+is registered the same way, without a learner (metatransfer/registry/unlabeled.py).
+Promotion to `champion` is a separate registry action (`metatransfer promote`)."""
 
 from __future__ import annotations
 
@@ -169,16 +170,18 @@ def finetune_unlabeled_target(target: str, params: Params, root: Path) -> tuple[
     return results, chosen, reason
 
 
-def run_unlabeled_target(target: str, params: Params, root: Path) -> dict[str, Any]:
-    """`finetune` of an unlabelled target: cluster models saved, selection.json written, MLflow logged.
+def run_unlabeled_target(target: str, params: Params, root: Path, run_id: str = "") -> dict[str, Any]:
+    """`finetune` of an unlabelled target: cluster models saved, selection.json written, MLflow logged,
+    the shipped one registered as `challenger` (`registry.publish_cluster_result`).
 
-    The cluster models are saved like target models (classes `cluster_0..k-1`) but not registered:
-    the quality gate and the promotion gate judge accuracy against labels, which this target lacks.
+    The cluster models are saved like target models (classes `cluster_0..k-1`). The shipped one is
+    registered with its label-free evidence (and NMI / ARI / matched accuracy when the test split
+    holds hidden labels); `promote` gates it on those labels or leaves it to a person (docs/registry.md).
 
     Returns:
         The selection entry (also metrics/finetune.json's entry of the target).
     """
-    from metatransfer import tracking
+    from metatransfer import registry, tracking
     from metatransfer.stages.common import write_json
     from metatransfer.training.finetune import save_target_model
 
@@ -190,9 +193,17 @@ def run_unlabeled_target(target: str, params: Params, root: Path) -> dict[str, A
         "unlabeled": {"labels_used": 0, "method": "batch-norm re-estimation + soft k-means"
                       + (" + self-training on confident pseudo-labels" if u.self_training_steps else ""),
                       "k": results[chosen].k, "select_k": u.select_k, "images": sum(results[chosen].cluster_sizes),
-                      "self_training_steps": u.self_training_steps, "registered": False},
+                      "self_training_steps": u.self_training_steps, "registered": True},
         "methods": {},
     }
+    from metatransfer.data.store import has_labels
+    from metatransfer.evaluation.clustering import NO_LABELS_TO_SCORE
+    from metatransfer.training.unsupervised import adapter_note
+
+    if not has_labels(layout.prepared_dir, target):  # only then: a store with hidden labels keeps its entry
+        entry["unlabeled"]["scoring"] = NO_LABELS_TO_SCORE
+    if adapter_note(results[chosen].model, results[chosen].steps):  # a heterogeneous target only
+        entry["unlabeled"]["input_adapter"] = adapter_note(results[chosen].model, results[chosen].steps)
     for method, r in results.items():
         sums = save_target_model(r.model.cpu(), layout.target_model(target, method),
                                  extra={"unlabeled": True, "k": r.k, "silhouette": r.silhouette})
@@ -202,11 +213,14 @@ def run_unlabeled_target(target: str, params: Params, root: Path) -> dict[str, A
                                     "self_training_steps": r.steps, "weights_sha256": sums["model.safetensors"]}
         tracking.log_metrics({f"finetune/{target}/{method}/silhouette": r.silhouette,
                               f"finetune/{target}/{method}/k": float(r.k)})
+    # Versions and URIs are run-specific: MLflow + reports/run_facts.json, not selection.json.
+    facts = registry.publish_cluster_result(root, params, target, entry, layout.target_model(target, chosen), run_id)
+    tracking.record_run_facts(root, "finetune", {"run_id": run_id, target: facts})
     write_json(layout.selection(target), entry)
-    tracking.log_dict(entry, f"selection/{target}.json")
+    tracking.log_dict({**entry, **facts}, f"selection/{target}.json")
     layout.plots("finetune").mkdir(parents=True, exist_ok=True)  # a DVC output even with no labelled target
-    log.info("%s: ship %s clustering, k=%d; not registered (no labels for the quality or promotion gate)",
-             target, chosen, results[chosen].k)
+    log.info("%s: ship %s clustering, k=%d; registered as challenger (no labels used)", target, chosen,
+             results[chosen].k)
     return entry
 
 
@@ -227,19 +241,20 @@ def run(params: Params, root: Path) -> dict[str, Any]:
             tracking.log_dataset(f"{target}/train", str(layout.prepared_dataset(target)),
                                  tracking.dvc_out_md5(root, layout.prepared_key), "finetune")
             if target in f.unlabeled:  # no labels: clustered, not fine-tuned (docs/guide.md)
-                summary[target] = run_unlabeled_target(target, params, root)
+                summary[target] = run_unlabeled_target(target, params, root, run.info.run_id)
                 continue
 
-            def sink_factory(method: str, target: str = target):
+            log_metric = tracking.metric_sink()  # one batching sink for the target's methods
+
+            def sink_factory(method: str, target: str = target, log_metric: tracking.MetricBatch = log_metric):
                 # Every finetune metric is "finetune/<target>/...": the loop's "finetune/loss"
                 # becomes "finetune/<target>/<method>/loss" (one run holds every target and method).
-                log_metric = tracking.metric_sink()
-
                 def sink(name: str, value: float, step: int) -> None:
                     log_metric(f"finetune/{target}/{method}/{name.removeprefix('finetune/')}", value, step)
                 return sink
 
-            results, chosen, reason, shots = finetune_target(target, params, root, sink_factory)
+            with log_metric:  # written on the way out, even when fine-tuning fails
+                results, chosen, reason, shots = finetune_target(target, params, root, sink_factory)
             tracking.log_class_names(target, results[chosen].model.class_names)  # tag + classes/<target>.json
             tracking.log_params({f"{target}/shots_used": json.dumps(shots["per_class"], sort_keys=True)})
             tracking.log_metrics({f"finetune/{target}/shots_min": min(shots["per_class"].values(), default=0)})
