@@ -102,6 +102,24 @@ def register_params_check(check: Callable[[Params], None]) -> None:
         _PARAMS_CHECKS.append(check)
 
 
+def _prepared_datasets(p: Params) -> set[str]:
+    """Every dataset the prepare stage builds: fetched, image folders and npz files."""
+    return {*p.fetch.datasets, *p.prepare.image_folders, *p.prepare.npz_files}
+
+
+def _require_prepared(p: Params, name: str, key: str) -> None:
+    """Refuse a per-dataset entry `key` whose `name` is not a dataset prepare builds.
+
+    Raises:
+        ConfigError: naming `key`, the name and the datasets allowed.
+    """
+    prepared = _prepared_datasets(p)
+    if name not in prepared:
+        raise ConfigError(f"{key}: {name!r} is not a dataset prepare builds (fetch.datasets, "
+                          f"prepare.image_folders, prepare.npz_files): {sorted(prepared)}; "
+                          "fix the name or add the dataset")
+
+
 def _check_descriptions(p: Params) -> None:
     """Each `prepare.descriptions` entry names a dataset prepare builds and holds at least one word.
 
@@ -110,13 +128,9 @@ def _check_descriptions(p: Params) -> None:
     """
     from metatransfer.descriptions import check_description
 
-    prepared = [*p.fetch.datasets, *p.prepare.image_folders, *p.prepare.npz_files]
     for name, d in p.prepare.descriptions.items():
         key = f"prepare.descriptions.{name}"
-        if name not in prepared:
-            raise ConfigError(f"{key}: {name!r} is not a dataset prepare builds (fetch.datasets, "
-                              f"prepare.image_folders, prepare.npz_files): {sorted(set(prepared))}; "
-                              "fix the name or add the dataset")
+        _require_prepared(p, name, key)
         check_description(d.model_dump(), key)
 
 
@@ -126,15 +140,11 @@ def _check_per_dataset(p: Params) -> None:
     Raises:
         ConfigError: naming `prepare.per_dataset.<name>[.key]`, what is allowed and what was found.
     """
-    prepared = [*p.fetch.datasets, *p.prepare.image_folders, *p.prepare.npz_files]
     training = {s.dataset: "meta_train.sources" for s in (p.meta_train.sources if p.meta_train else ())}
     training.update({d: "pretrain.datasets" for d in (p.pretrain.datasets if p.pretrain else ())})
     for name, s in p.prepare.per_dataset.items():
         key = f"prepare.per_dataset.{name}"
-        if name not in prepared:
-            raise ConfigError(f"{key}: {name!r} is not a dataset prepare builds (fetch.datasets, "
-                              f"prepare.image_folders, prepare.npz_files): {sorted(set(prepared))}; "
-                              "fix the name or add the dataset")
+        _require_prepared(p, name, key)
         if name in training:
             raise ConfigError(f"{key}: {name!r} is a training source ({training[name]}); sources train the backbone "
                               f"at prepare.channels x prepare.image_size ({p.prepare.channels} x "
@@ -157,7 +167,7 @@ def _check_unlabeled(p: Params) -> None:
     """
     f = p.finetune
     assert f is not None
-    prepared = {*p.fetch.datasets, *p.prepare.image_folders, *p.prepare.npz_files}
+    prepared = _prepared_datasets(p)
     for name, u in f.unlabeled.items():
         key = f"finetune.unlabeled.{name}"
         if name not in f.targets and name not in prepared:
