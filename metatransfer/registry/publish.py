@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,28 @@ from metatransfer.registry.client import (
 log = logging.getLogger(__name__)
 
 
+def method_table(entry: dict[str, Any], columns: list[str], cells: Callable[[dict[str, Any]], list[str]]) -> str:
+    """Markdown table of a finetune summary entry: one row per method, the chosen one marked.
+
+    Args:
+        entry: the target's finetune summary entry (`methods`: name -> evidence; `chosen`).
+        columns: the header: "method", the evidence columns, then the column marking the chosen method.
+        cells: a method's evidence -> the text of its evidence columns.
+
+    Returns:
+        The table, lines joined by newlines (no trailing newline).
+    """
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for method, m in entry.get("methods", {}).items():
+        chosen = "yes" if method == entry.get("chosen") else ""
+        lines.append("| " + " | ".join([method, *cells(m), chosen]) + " |")
+    return "\n".join(lines)
+
+
 def validation_table(entry: dict[str, Any]) -> str:
     """Markdown table of the finetune evidence (target validation accuracy per method)."""
-    lines = ["| method | val acc | best step | chosen |", "|---|---|---|---|"]
-    for method, m in entry.get("methods", {}).items():
-        lines.append(f"| {method} | {m.get('val_acc', float('nan')):.4f} | {m.get('best_step', '')} | "
-                     f"{'yes' if method == entry.get('chosen') else ''} |")
-    return "\n".join(lines)
+    return method_table(entry, ["method", "val acc", "best step", "chosen"],
+                        lambda m: [f"{m.get('val_acc', float('nan')):.4f}", f"{m.get('best_step', '')}"])
 
 
 def class_tags(names: list[str]) -> dict[str, str]:

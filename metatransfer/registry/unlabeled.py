@@ -37,7 +37,7 @@ from metatransfer.quality import QUALITY_TAG
 from metatransfer.registry.client import CHALLENGER, client_for, model_name, provenance_tags, register_version
 from metatransfer.registry.gate import RegistryError
 from metatransfer.registry.predict import predict_folder
-from metatransfer.registry.publish import class_tags
+from metatransfer.registry.publish import class_tags, method_table
 from metatransfer.registry.record import PromotionResult, now, record_decision
 
 log = logging.getLogger(__name__)
@@ -129,11 +129,9 @@ def cross_fitted_matched_accuracies(predictions: np.ndarray, labels: np.ndarray,
 
 def cluster_table(entry: dict[str, Any]) -> str:
     """Markdown table of the finetune evidence of an unlabelled target (k and train silhouette per method)."""
-    lines = ["| method | k | silhouette (train) | images per cluster | shipped |", "|---|---|---|---|---|"]
-    for method, m in entry.get("methods", {}).items():
-        lines.append(f"| {method} | {m.get('k', '')} | {m.get('silhouette', float('nan')):.4f} | "
-                     f"{m.get('cluster_sizes', '')} | {'yes' if method == entry.get('chosen') else ''} |")
-    return "\n".join(lines)
+    return method_table(entry, ["method", "k", "silhouette (train)", "images per cluster", "shipped"],
+                        lambda m: [f"{m.get('k', '')}", f"{m.get('silhouette', float('nan')):.4f}",
+                                   f"{m.get('cluster_sizes', '')}"])
 
 
 def publish_cluster_result(root: str | Path, params: Any, target: str, entry: dict[str, Any], folder: str | Path,
