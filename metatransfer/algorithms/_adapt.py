@@ -10,18 +10,25 @@ mode without gradients on images cast to the learner's device and dtype.
 
 `SupportLearner.adapt` does the common start and hands a `Support` to the
 learner's `adapt_support`; `MetricLearner.adapt_support` does the common end
-around the learner's `support_scorer`. A learner keeps only what differs.
+around the learner's `support_scorer`. Construction is shared too:
+`SupportLearner.__init__` refuses hyper-parameters of another class, and
+`MetricLearner.__init__` builds the embedding network (`make_backbone`). A
+learner keeps only what differs.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from metatransfer.algorithms import _metric
-from metatransfer.algorithms.base import MetaLearner, Predictor
+from metatransfer.algorithms.base import Hparams, MetaLearner, Predictor
+from metatransfer.episodes import Episode
+from metatransfer.models import BackboneSpec, build_backbone
 
 
 @dataclass(frozen=True)
@@ -88,22 +95,19 @@ def support_set(
 
 
 class SupportLearner(MetaLearner):
-    """A learner whose `adapt` checks and moves the support set, then calls `adapt_support`."""
+    """A learner whose `adapt` checks and moves the support set, then calls `adapt_support`.
+
+    `__init__` refuses hyper-parameters that are not the learner's `hparams_class`.
+    """
+
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
+        _metric.check_hparams(hparams, self.hparams_class, self.name)
+        super().__init__(backbone, n_way, hparams, num_classes)
 
     def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
+        self, support_x: torch.Tensor, support_y: torch.Tensor, n_way: int, unlabeled_x: torch.Tensor | None = None
     ) -> Predictor:
-        """Adapt to a support set (labels 0..n_way-1) and return a predictor of logits.
-
-        Args:
-            support_x, support_y: the labelled support set.
-            n_way: number of classes (may differ from the training `n_way`).
-            unlabeled_x: unlabelled target images (the queries at evaluation);
-                only transductive learners use them.
+        """`MetaLearner.adapt` by `adapt_support` on the checked, moved support set.
 
         Returns:
             What `adapt_support` returns.
@@ -124,7 +128,31 @@ class MetricLearner(SupportLearner):
     Both the embedding of the support set and every prediction run with the
     whole learner in eval mode (BatchNorm on its running statistics; every
     sub-module's own flag restored afterwards) and without gradients.
+
+    Attributes:
+        backbone: the embedding network f_θ (images → (B, D)), from `make_backbone`;
+            built first, so a learner's own modules draw their initialisation after it.
     """
+
+    backbone: nn.Module
+
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
+        super().__init__(backbone, n_way, hparams, num_classes)
+        self.backbone = self.make_backbone(backbone)
+
+    def make_backbone(self, spec: BackboneSpec) -> nn.Module:
+        """The embedding network for `spec`, BatchNorm per `track_running_stats`; a learner that
+        needs a particular backbone overrides this (and refuses other specs there)."""
+        return build_backbone(spec, track_running_stats=self.track_running_stats)
+
+    def embed_episodes(
+        self, episodes: Sequence[Episode], embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`_metric.embed_episodes` on the learner's device and dtype: one (support, query)
+        embedding pair per episode, by `embed` (default: the backbone)."""
+        return _metric.embed_episodes(
+            self.backbone if embed is None else embed, episodes, _metric.module_device(self), _metric.module_dtype(self)
+        )
 
     def adapt_support(self, support: Support) -> Predictor:
         """Build the scorer once, return a predictor that casts images and calls it.

@@ -391,11 +391,7 @@ class GradientLearner(MetaLearner):
         return self.model(x)
 
     def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
+        self, support_x: torch.Tensor, support_y: torch.Tensor, n_way: int, unlabeled_x: torch.Tensor | None = None
     ) -> Predictor:
         """Adapt a copy of θ to the support set by the learner's `adapted_weights`.
 

@@ -125,11 +125,7 @@ class MetaLearner(nn.Module, ABC):
 
     @abstractmethod
     def adapt(
-        self,
-        support_x: torch.Tensor,
-        support_y: torch.Tensor,
-        n_way: int,
-        unlabeled_x: torch.Tensor | None = None,
+        self, support_x: torch.Tensor, support_y: torch.Tensor, n_way: int, unlabeled_x: torch.Tensor | None = None
     ) -> Predictor:
         """Adapt to a support set (labels 0..n_way-1) and return a predictor of logits.
 

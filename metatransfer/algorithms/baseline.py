@@ -145,15 +145,10 @@ class Baseline(_adapt.SupportLearner):
 
     name: ClassVar[str] = "baseline"
     hparams_class: ClassVar[type[Hparams]] = BaselineHparams
-    track_running_stats: ClassVar[bool] = True
-    transductive: ClassVar[bool] = False
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
-        _metric.check_hparams(hparams, self.hparams_class, self.name)
-        check_num_classes(num_classes, self.name)
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
+        check_num_classes(num_classes, self.name)
         self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
         self.head = self.make_head(self.backbone.out_dim, num_classes)
 

@@ -154,14 +154,10 @@ class Conditional(FilmLearner):
 
     name: ClassVar[str] = "conditional"
     hparams_class: ClassVar[type[Hparams]] = ConditionalHparams
-    track_running_stats: ClassVar[bool] = True
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
-        _metric.check_hparams(hparams, ConditionalHparams, self.name)
-        assert isinstance(hparams, ConditionalHparams)
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
+        assert isinstance(hparams, ConditionalHparams)
         self.generator = FilmGenerator(self.backbone.out_dim, self.block_channels(), hparams)
         self.init_metric_scale(hparams.metric_scale_init, hparams.learn_metric_scale)
         self.register_buffer("vocab_hashes", torch.full((hparams.vocab_size,), -1, dtype=torch.int64))

@@ -36,7 +36,7 @@ from metatransfer.algorithms import _adapt, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult
 from metatransfer.config import Bool, Int, bounded
 from metatransfer.episodes import Episode
-from metatransfer.models import BackboneSpec, build_backbone
+from metatransfer.models import BackboneSpec
 
 
 class MatchingNetHparams(Hparams):
@@ -127,15 +127,10 @@ class MatchingNet(_adapt.MetricLearner):
 
     name: ClassVar[str] = "matchingnet"
     hparams_class: ClassVar[type[Hparams]] = MatchingNetHparams
-    track_running_stats: ClassVar[bool] = True
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
-        _metric.check_hparams(hparams, MatchingNetHparams, self.name)
-        assert isinstance(hparams, MatchingNetHparams)
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
-        self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
+        assert isinstance(hparams, MatchingNetHparams)
         self.fce: FullContextEmbedding | None = (
             FullContextEmbedding(self.backbone.out_dim, hparams.fce_steps) if hparams.fce else None
         )
@@ -158,9 +153,7 @@ class MatchingNet(_adapt.MetricLearner):
         Returns:
             Mean query loss and accuracy over the episodes.
         """
-        embedded = _metric.embed_episodes(
-            self.backbone, episodes, _metric.module_device(self), _metric.module_dtype(self)
-        )
+        embedded = self.embed_episodes(episodes)
         logits = []
         for (s, q), ep in zip(embedded, episodes):
             g, f = self.contextual(s, q)

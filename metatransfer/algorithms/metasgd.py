@@ -60,22 +60,13 @@ def lr_key(name: str) -> str:
 
 
 class MetaSGD(MAML):
-    """MAML with meta-learned per-parameter inner step sizes in `self.lrs`.
-
-    Args:
-        backbone: backbone spec.
-        n_way: head size for meta-training episodes.
-        hparams: `MetaSGDHparams`.
-        num_classes: unused.
-    """
+    """MAML with meta-learned per-parameter inner step sizes in `self.lrs` (arguments as `MetaLearner`)."""
 
     name = "metasgd"
     hparams_class = MetaSGDHparams
     hparams: MetaSGDHparams  # type: ignore[assignment]
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
         low, high = self.hparams.lr_init_low, self.hparams.lr_init_high
         self.lrs = nn.ParameterDict(

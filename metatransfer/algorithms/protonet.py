@@ -23,7 +23,6 @@ import torch
 from metatransfer.algorithms import _adapt, _metric
 from metatransfer.algorithms.base import Hparams, Predictor, StepResult
 from metatransfer.episodes import Episode
-from metatransfer.models import BackboneSpec, build_backbone
 
 
 class ProtoNetHparams(Hparams):
@@ -41,14 +40,6 @@ class ProtoNet(_adapt.MetricLearner):
 
     name: ClassVar[str] = "protonet"
     hparams_class: ClassVar[type[Hparams]] = ProtoNetHparams
-    track_running_stats: ClassVar[bool] = True
-
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
-        _metric.check_hparams(hparams, ProtoNetHparams, self.name)
-        super().__init__(backbone, n_way, hparams, num_classes)
-        self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
 
     def logits(self, query_emb: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
         """Negative squared Euclidean distances (Q, N) from query embeddings to prototypes."""
@@ -63,9 +54,7 @@ class ProtoNet(_adapt.MetricLearner):
         Returns:
             Mean query loss and accuracy over the episodes.
         """
-        embedded = _metric.embed_episodes(
-            self.backbone, episodes, _metric.module_device(self), _metric.module_dtype(self)
-        )
+        embedded = self.embed_episodes(episodes)
         logits = [
             self.logits(q, _metric.class_means(s, ep.support_y.to(s.device), ep.n_way))
             for (s, q), ep in zip(embedded, episodes)

@@ -58,7 +58,7 @@ from metatransfer.algorithms.base import (
 from metatransfer.config import Int, bounded
 from metatransfer.episodes import Episode
 from metatransfer.errors import ConfigError
-from metatransfer.models import BackboneSpec, build_backbone
+from metatransfer.models import BackboneSpec
 from metatransfer.models.conv4 import Conv4
 
 
@@ -162,15 +162,10 @@ class RelationNet(_adapt.MetricLearner):
 
     name: ClassVar[str] = "relationnet"
     hparams_class: ClassVar[type[Hparams]] = RelationNetHparams
-    track_running_stats: ClassVar[bool] = True
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
-        _metric.check_hparams(hparams, RelationNetHparams, self.name)
-        assert isinstance(hparams, RelationNetHparams)
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
-        self.backbone = build_backbone(backbone, track_running_stats=self.track_running_stats)
+        assert isinstance(hparams, RelationNetHparams)
         if isinstance(self.backbone, Conv4):
             blocks = len(self.backbone.encoder)
             if not 0 <= hparams.unpooled_blocks <= blocks:
@@ -228,9 +223,7 @@ class RelationNet(_adapt.MetricLearner):
         Returns:
             Mean query MSE and accuracy over the episodes.
         """
-        embedded = _metric.embed_episodes(
-            self.embed, episodes, _metric.module_device(self), _metric.module_dtype(self)
-        )
+        embedded = self.embed_episodes(episodes, self.embed)
         losses, accs = [], []
         for (s, q), ep in zip(embedded, episodes):
             scores = self.scores(s, ep.support_y.to(s.device), ep.n_way, q)

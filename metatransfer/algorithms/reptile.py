@@ -157,22 +157,13 @@ def inner_train(
 
 
 class Reptile(_inner.GradientLearner):
-    """Reptile with a Conv-4 (or other) backbone and a linear head.
-
-    Args:
-        backbone: backbone spec.
-        n_way: head size for meta-training episodes.
-        hparams: `ReptileHparams`.
-        num_classes: unused.
-    """
+    """Reptile with a Conv-4 (or other) backbone and a linear head (arguments as `MetaLearner`)."""
 
     name = "reptile"
     hparams_class = ReptileHparams
     hparams: ReptileHparams
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
 
     def outer_optimizer(self, lr: float) -> torch.optim.Optimizer:

@@ -66,13 +66,8 @@ class Scratch(_adapt.SupportLearner):
 
     name: ClassVar[str] = "scratch"
     hparams_class: ClassVar[type[Hparams]] = ScratchHparams
-    track_running_stats: ClassVar[bool] = True
-    transductive: ClassVar[bool] = False
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
-        _metric.check_hparams(hparams, ScratchHparams, self.name)
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
         # θ exists so that the learner has parameters to save and an optimizer
         # to build; it equals initial_model(n_way) at construction.

@@ -213,9 +213,9 @@ class TaskEmbeddingNetwork(FilmHeads):
 class FilmLearner(_adapt.MetricLearner):
     """A prototypical network on a FiLM-conditioned Conv-4 with a metric scale α (TADAM, the conditional learner).
 
-    `__init__` checks the backbone and builds it; a subclass then builds its
-    FiLM head and calls `init_metric_scale`, so the head's initialisation draws
-    follow the backbone's.
+    `make_backbone` refuses any backbone but conv4 and builds it (first, in
+    `MetricLearner.__init__`); a subclass then builds its FiLM head and calls
+    `init_metric_scale`, so the head's initialisation draws follow the backbone's.
 
     Attributes:
         backbone: the Conv-4 feature extractor.
@@ -225,16 +225,20 @@ class FilmLearner(_adapt.MetricLearner):
     backbone: Conv4
     metric_scale: torch.Tensor
 
-    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
-        if backbone.name != "conv4":
+    def make_backbone(self, spec: BackboneSpec) -> Conv4:
+        """The Conv-4 that FiLM conditions.
+
+        Raises:
+            ConfigError: `spec` is not conv4.
+        """
+        if spec.name != "conv4":
             raise ConfigError(
                 f"{self.name}: FiLM conditioning is implemented for the conv4 backbone only; model.name is "
-                f"{backbone.name!r}. Set model.name: conv4 or drop {self.name!r} from meta_train.algorithms"
+                f"{spec.name!r}. Set model.name: conv4 or drop {self.name!r} from meta_train.algorithms"
             )
-        super().__init__(backbone, n_way, hparams, num_classes)
-        built = build_backbone(backbone, track_running_stats=self.track_running_stats)
+        built = build_backbone(spec, track_running_stats=self.track_running_stats)
         assert isinstance(built, Conv4)
-        self.backbone = built
+        return built
 
     def block_channels(self) -> list[int]:
         """Channels C_l of each conv block: the widths of the FiLM parameters."""
@@ -283,14 +287,10 @@ class TADAM(FilmLearner):
 
     name: ClassVar[str] = "tadam"
     hparams_class: ClassVar[type[Hparams]] = TADAMHparams
-    track_running_stats: ClassVar[bool] = True
 
-    def __init__(
-        self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0
-    ) -> None:
-        _metric.check_hparams(hparams, TADAMHparams, self.name)
-        assert isinstance(hparams, TADAMHparams)
+    def __init__(self, backbone: BackboneSpec, n_way: int, hparams: Hparams, num_classes: int = 0) -> None:
         super().__init__(backbone, n_way, hparams, num_classes)
+        assert isinstance(hparams, TADAMHparams)
         self.ten = TaskEmbeddingNetwork(self.backbone.out_dim, self.block_channels())
         self.init_metric_scale(hparams.metric_scale_init, hparams.learn_metric_scale)
 
