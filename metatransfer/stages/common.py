@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,41 @@ def setup(stage: str, argv: list[str] | None) -> tuple[Params, Path]:
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (temp file in the same folder, then rename)."""
     write_json_atomic(path, data)
+
+
+def merge_piece_metrics(params: Params, pieces: list[Path], stage: str, key: str,
+                        take: Callable[[Path, Any, list[str]], None]) -> dict[str, Any]:
+    """Read the metrics/<stage>.json of every piece of a fanned-out stage (`flows.pipeline --task-runner dask`).
+
+    Args:
+        params: the project's params (`<stage>.<key>` lists every name the pieces must cover).
+        pieces: the piece folders (each a project folder whose params name some of those names).
+        stage: "meta_train" or "finetune".
+        key: the list the stage fans out over ("algorithms" or "targets").
+        take: called once per piece with (piece folder, its Layout, the names it holds): moves the
+            piece's files into the project's outputs.
+
+    Returns:
+        Every piece's entries, in the order of `<stage>.<key>` (the summary one run would write).
+
+    Raises:
+        ConfigError: a name of `<stage>.<key>` that no piece holds.
+    """
+    from metatransfer.errors import ConfigError
+    from metatransfer.layout import Layout
+
+    found: dict[str, Any] = {}
+    for folder in pieces:
+        part = Layout.of(folder, params)
+        entries = json.loads(part.metrics(stage).read_text())
+        found.update(entries)
+        take(folder, part, list(entries))
+    expected: list[str] = list(getattr(getattr(params, stage), key))
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise ConfigError(f"{stage} pieces {[str(p) for p in pieces]} lack the {key} {missing}: "
+                          f"run one piece per {key[:-1]} of {stage}.{key}")
+    return {n: found[n] for n in expected}
 
 
 def run_stage(stage: str, argv: list[str] | None, body) -> int:

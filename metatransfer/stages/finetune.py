@@ -301,27 +301,21 @@ def merge_pieces(params: Params, root: Path, pieces: list[Path]) -> dict[str, An
     import shutil
 
     from metatransfer import tracking
-    from metatransfer.errors import ConfigError
     from metatransfer.io import fresh_dirs
-    from metatransfer.stages.common import write_json
+    from metatransfer.stages.common import merge_piece_metrics, write_json
 
     layout = Layout.of(root, params)
     plots_dir = layout.plots("finetune")
     fresh_dirs(layout.target_dir, plots_dir)  # as DVC removes a stage's outputs before running it
-    found: dict[str, Any] = {}
-    for folder in pieces:
-        part = Layout.of(folder, params)
-        for target, entry in json.loads(part.metrics("finetune").read_text()).items():
-            found[target] = entry
+
+    def take(folder: Path, part: Layout, targets: list[str]) -> None:
+        for target in targets:
             shutil.move(part.target_dir / target, layout.target_dir / target)
         for figure in sorted(part.plots("finetune").iterdir()):  # the piece's target's figures only
             shutil.move(figure, plots_dir / figure.name)
         tracking.record_run_facts(root, "finetune", tracking.read_run_facts(folder).get("finetune") or {})
-    missing = [t for t in params.finetune.targets if t not in found]  # type: ignore[union-attr]
-    if missing:
-        raise ConfigError(f"finetune pieces {[str(p) for p in pieces]} lack the targets {missing}: "
-                          "run one piece per target of finetune.targets")
-    summary = {t: found[t] for t in params.finetune.targets}  # type: ignore[union-attr]
+
+    summary = merge_piece_metrics(params, pieces, "finetune", "targets", take)
     write_json(layout.metrics("finetune"), summary)
     return summary
 

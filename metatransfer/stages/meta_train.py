@@ -213,29 +213,24 @@ def merge_pieces(params: Params, root: Path, pieces: list[Path]) -> dict[str, An
     from metatransfer import tracking
     from metatransfer.evaluation.plots import plot_curves
     from metatransfer.io import fresh_dirs
-    from metatransfer.stages.common import write_json
+    from metatransfer.stages.common import merge_piece_metrics, write_json
 
     layout = Layout.of(root, params)
     plots_dir = layout.plots("meta_train")
     fresh_dirs(layout.meta_dir, plots_dir)  # as DVC removes a stage's outputs before running it
-    found: dict[str, Any] = {}
     curves: dict[str, list[dict[str, float]]] = {}
     facts: dict[str, Any] = {"run_ids": [], "algorithms": {}}
-    for folder in pieces:
-        part = Layout.of(folder, params)
-        for algorithm, entry in json.loads(part.metrics("meta_train").read_text()).items():
-            found[algorithm] = entry
+
+    def take(folder: Path, part: Layout, algorithms: list[str]) -> None:
+        for algorithm in algorithms:
             shutil.move(part.meta_learner(algorithm), layout.meta_learner(algorithm))
             shutil.move(part.plots("meta_train") / f"{algorithm}.json", plots_dir / f"{algorithm}.json")
             curves[algorithm] = json.loads((plots_dir / f"{algorithm}.json").read_text())
         piece_facts = tracking.read_run_facts(folder).get("meta_train") or {}
         facts["run_ids"].append(piece_facts.get("run_id"))
         facts["algorithms"].update(piece_facts.get("algorithms") or {})
-    missing = [a for a in params.meta_train.algorithms if a not in found]  # type: ignore[union-attr]
-    if missing:
-        raise ConfigError(f"meta_train pieces {[str(p) for p in pieces]} lack the algorithms {missing}: "
-                          "run one piece per algorithm of meta_train.algorithms")
-    summary = {a: found[a] for a in params.meta_train.algorithms}  # type: ignore[union-attr]
+
+    summary = merge_piece_metrics(params, pieces, "meta_train", "algorithms", take)
     plot_curves({a: curves[a] for a in summary}, "step", "acc", "meta-val accuracy during meta-training",
                 plots_dir / "val_curve.png")
     write_json(layout.metrics("meta_train"), summary)
