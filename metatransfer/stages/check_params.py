@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 OUT = PARAMS_OK  # relative to the project root (metatransfer.layout); the name stays for callers
 # Constant: downstream stages depend on these bytes, not on params.yaml.
-CONTENT = "params.yaml passed validation (metatransfer/config.py, metatransfer/stages/check_params.py)\n"
+CONTENT = "params.yaml passed validation (metatransfer/config/, metatransfer/stages/check_params.py)\n"
 
 
 def check_paths(params: Params, root: Path, source: str = "params.yaml") -> None:
