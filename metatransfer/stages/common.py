@@ -36,7 +36,8 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def merge_piece_metrics(params: Params, pieces: list[Path], stage: str, key: str,
                         take: Callable[[Path, Any, list[str]], None]) -> dict[str, Any]:
-    """Read the metrics/<stage>.json of every piece of a fanned-out stage (`flows.pipeline --task-runner dask`).
+    """Read the metrics/<stage>.json of every piece of a fanned-out stage (`flows.pipeline --task-runner dask`;
+    metatransfer/dvc_stages.py runs the pieces, each a project folder of its own).
 
     Args:
         params: the project's params (`<stage>.<key>` lists every name the pieces must cover).

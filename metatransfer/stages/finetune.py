@@ -283,20 +283,14 @@ def run(params: Params, root: Path) -> dict[str, Any]:
 
 
 def merge_pieces(params: Params, root: Path, pieces: list[Path]) -> dict[str, Any]:
-    """Assemble the stage's outputs from pieces that each fine-tuned one target (`flows.pipeline
-    --task-runner dask`; metatransfer/dvc_stages.py runs them): the same files, byte for byte,
-    as one run of the stage, which `dvc_stages.commit_stage` then records in dvc.lock.
+    """Assemble the stage's outputs from Dask pieces that each fine-tuned one target: the same files, byte for
+    byte, as one run (`stages.common.merge_piece_metrics`; `dvc_stages.commit_stage` records them).
 
     Each target is fine-tuned alone from the same seed (`finetune_target`), so a piece's models,
     selection and figure are those of the whole run; the summary is rebuilt here in params order.
 
-    Args:
-        params: the project's params (every target).
-        root: the project root.
-        pieces: the piece folders (each a project folder whose params name one target).
-
-    Returns:
-        The summary written to metrics/finetune.json.
+    `params` name every target, `root` is the project, `pieces` the piece folders (one target each).
+    Returns the summary written to metrics/finetune.json.
     """
     import shutil
 

@@ -192,20 +192,14 @@ def run(params: Params, root: Path) -> dict[str, Any]:
 
 
 def merge_pieces(params: Params, root: Path, pieces: list[Path]) -> dict[str, Any]:
-    """Assemble the stage's outputs from pieces that each trained one algorithm (`flows.pipeline
-    --task-runner dask`; metatransfer/dvc_stages.py runs them): the same files, byte for byte,
-    as one run of the stage, which `dvc_stages.commit_stage` then records in dvc.lock.
+    """Assemble the stage's outputs from Dask pieces that each trained one algorithm: the same files, byte for
+    byte, as one run (`stages.common.merge_piece_metrics`; `dvc_stages.commit_stage` records them).
 
     Each algorithm trains alone from the same seed (`train_one`), so a piece's model, curve and
     summary are those of the whole run; the learning-curve figure and the summary are rebuilt here.
 
-    Args:
-        params: the project's params (every algorithm).
-        root: the project root.
-        pieces: the piece folders (each a project folder whose params name one algorithm).
-
-    Returns:
-        The summary written to metrics/meta_train.json.
+    `params` name every algorithm, `root` is the project, `pieces` the piece folders (one algorithm each).
+    Returns the summary written to metrics/meta_train.json.
     """
     import json
     import shutil
