@@ -8,11 +8,12 @@ See the package doc for why WAL, the lock wait and the set-up lock.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock
 
 EXPERIMENT = "metatransfer"
 # How long a connection waits for sqlite's write lock before "database is
@@ -37,22 +38,28 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
+def lock_path(database: Path) -> Path:
+    """The set-up lock file of a sqlite database: `<database>.lock` beside it."""
+    return database.with_name(database.name + ".lock")
+
+
 @contextlib.contextmanager
 def _store_lock(uri: str) -> Iterator[None]:
-    """Exclusive inter-process lock around store set-up (a no-op for non-sqlite stores)."""
+    """Exclusive inter-process lock around store set-up (a no-op for non-sqlite stores).
+
+    The lock is `<database>.lock` beside the database, held with filelock
+    (flock on POSIX): it waits as long as another process holds it and is
+    released when the block exits, also on an error.
+    """
     path = sqlite_path(uri)
     if path is None:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     # A sibling lock file, not the database: sqlite takes its own locks on the
-    # database file and flock on it would interfere with nothing but confuse readers.
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    # database file and a second lock on it would only confuse readers.
+    with FileLock(lock_path(path)):
+        yield
 
 
 def enable_wal(path: str | Path) -> str:
