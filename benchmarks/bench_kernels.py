@@ -6,8 +6,10 @@ them: one Conv-4 (64 channels, 28x28 grey) training step on a batch of
 random images, for several batch sizes (an episode's image count: 60-way
 1-shot 5-query is 360 images, 60-way 5-shot 5-query 600).
 
-Usage: python benchmarks/bench_kernels.py [--threads 2] [--batches 150,300,360,600] [--reps 10]
+Usage: python benchmarks/bench_kernels.py [--threads 2] [--batches 150,300,360,600] [--min-run-time 2]
 Prints ms per step and images/s per (variant, batch), and the load average.
+Each cell is the median of `torch.utils.benchmark.Timer.blocked_autorange`
+(at these step times a block is one step: the median of single steps).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 
 import torch
+from torch.utils.benchmark import Timer
 
 from metatransfer.models import BackboneSpec, build_backbone
 
@@ -29,8 +31,11 @@ VARIANTS = {
 }
 
 
-def step_ms(batch: int, channels_last: bool, bf16: bool, reps: int) -> float:
-    """Median ms of one zero_grad + forward + loss + backward + Adam step after 3 warm-up steps."""
+def step_ms(batch: int, channels_last: bool, bf16: bool, min_run_time: float) -> float:
+    """Median ms of one zero_grad + forward + loss + backward + Adam step after 3 warm-up steps.
+
+    Steps are timed for at least `min_run_time` seconds at the current torch thread count.
+    """
     torch.manual_seed(0)
     model = build_backbone(BackboneSpec(), track_running_stats=True).train()
     if channels_last:
@@ -45,15 +50,11 @@ def step_ms(batch: int, channels_last: bool, bf16: bool, reps: int) -> float:
         out.float().pow(2).mean().backward()
         opt.step()
 
-    for _ in range(3):
+    for _ in range(3):  # Adam's state and the kernels' first-call costs stay out of the figure
         step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return 1000 * times[len(times) // 2]
+    # The Timer sets its own thread count (default 1): keep the one main() chose.
+    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return 1000 * timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def main() -> None:
@@ -61,7 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="150,300,360,600")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds of timed steps per cell (default 2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
@@ -72,7 +73,7 @@ def main() -> None:
     for name, (cl, bf16) in VARIANTS.items():
         cells = []
         for b in batches:
-            ms = step_ms(b, cl, bf16, args.reps)
+            ms = step_ms(b, cl, bf16, args.min_run_time)
             cells.append(f"{ms:.1f} ({1000 * b / ms:.0f})")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}")
