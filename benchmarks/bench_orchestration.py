@@ -1,8 +1,11 @@
 """Orchestration overhead: the same stages run directly, by `dvc repro -f`, and by
 the Prefect `pipeline` flow (force=True), in a scratch copy of the project.
 
-    python benchmarks/bench_orchestration.py            # quick params (seconds per run)
-    python benchmarks/bench_orchestration.py --default  # the default params (minutes per run)
+    python -m benchmarks.bench_orchestration            # quick params (seconds per run)
+    python -m benchmarks.bench_orchestration --default  # the default params (minutes per run)
+
+Run it from the project root with `-m`: the shrunk profile is test scaffolding
+(`tests/quick.py`, not installed), importable only with the root on sys.path.
 
 Overhead = wall time of the entry point − wall time of the bare stage commands.
 Prints one table; figures depend on the machine's load (the load average is shown).
@@ -38,7 +41,7 @@ def main() -> None:
     parser.add_argument("--default", action="store_true", help="use the project's params.yaml as is")
     parser.add_argument("--mirror", default=str(ROOT.parent / "shared" / "datasets"))
     args = parser.parse_args()
-    from metatransfer.quick import make_project, project_env, quick_params
+    from tests.quick import make_project, project_env, quick_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"]["mirror"] = args.mirror

@@ -10,9 +10,10 @@ Two modes:
   is its own; ``--classes N`` keeps the first N classes of each csv split
   (a stated subset, for large sides).
 
-Usage:
-    python benchmarks/bench_prepare.py [--threads 2]
-    python benchmarks/bench_prepare.py --mode mini_imagenet --sizes 32 84 224 [--classes 5]
+Usage (from the project root; `--classes` slices the mirror with tests/slices.py,
+which is not installed: run with `-m` so that the root is on sys.path):
+    python -m benchmarks.bench_prepare [--threads 2]
+    python -m benchmarks.bench_prepare --mode mini_imagenet --sizes 32 84 224 [--classes 5]
 Prints a table: images, wall seconds (fetch excluded), images/s, peak RSS, store size.
 """
 
@@ -77,8 +78,7 @@ def bench_mini_imagenet(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         mirror = Path(args.mirror)
         if args.classes:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed
-            from tests.slices import slice_mini_imagenet
+            from tests.slices import slice_mini_imagenet  # the project root is on sys.path: run with -m
 
             slice_mini_imagenet(Path(tmp) / "mirror", mirror, n_classes=args.classes, per_class=600)
             mirror = Path(tmp) / "mirror"

@@ -13,8 +13,8 @@ files from the dataset mirror (first 5 classes of each csv split, prepared at
 (c) evaluate: `metatransfer.evaluation.episodic.episode_accuracies` of the
     ProtoNet learner on 10 / 20 / 40 fixed 5-way 5-shot episodes of the
     slice's meta_test split;
-(d) MLflow logging: `metatransfer.tracking.metric_sink` (one call per metric,
-    as meta_train logs) and `log_metrics` (one batch) of 100 / 1000 metrics to
+(d) MLflow logging: `metatransfer.tracking.metric_sink(max_entries=1)` (one call per metric,
+    as meta_train logged before the sink batched) and `log_metrics` (one batch) of 100 / 1000 metrics to
     a fresh sqlite store (`tracking.configure` on a temporary folder, WAL), and
     the same calls to a null sink;
 (e) distributed meta-training: the same ProtoNet steps and meta-batch 4 in 1
@@ -28,10 +28,11 @@ each part reports the median per condition and ratios to its smallest
 condition. What 2 Dask workers buy is not re-measured here: see
 benchmarks/RESULTS.md, section 8.
 
-Usage (from the project root):
+Usage (from the project root, with `-m`: the mirror slices come from
+tests/slices.py, which is not installed and needs the root on sys.path):
 
-    nice -n 10 python benchmarks/cost_growth.py --quick   # < 6 min on one busy core
-    python benchmarks/cost_growth.py                      # more steps, episodes and repetitions
+    nice -n 10 python -m benchmarks.cost_growth --quick   # < 6 min on one busy core
+    python -m benchmarks.cost_growth                      # more steps, episodes and repetitions
 
 Writes benchmarks/results/cost_growth[-quick].json and prints a markdown table.
 """
@@ -83,8 +84,7 @@ def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def bench_prepare(mirror: Path, tmp: Path, per_class: list[int], reps: int) -> tuple[dict[str, Any], Path]:
     """Prepare slices of `per_class` images per class (5 classes x 3 csv splits); return rows and the largest store."""
-    sys.path.insert(0, str(ROOT))  # tests/ is not installed
-    from tests.slices import slice_mini_imagenet
+    from tests.slices import slice_mini_imagenet  # the project root is on sys.path: run with -m
 
     from metatransfer.config import PrepareParams
     from metatransfer.data.fetch import fetch
@@ -222,12 +222,13 @@ def bench_mlflow(tmp: Path, counts: list[int], reps: int) -> dict[str, Any]:
 
     walls: dict[tuple[str, int], list[float]] = {}
     with tracking.child_run("cost_growth"):
-        sink = tracking.metric_sink()
-        sink("warm", 0.0, 0)
-        for i, n in enumerate(_interleaved(counts, reps)):
-            walls.setdefault(("null", n), []).append(per_call(null, n))
-            walls.setdefault(("metric_sink", n), []).append(per_call(sink, n))
-            walls.setdefault(("log_metrics", n), []).append(batch(n, i))
+        # max_entries=1: a write per metric, what the sink did before it batched (RESULTS §9)
+        with tracking.metric_sink(max_entries=1) as sink:
+            sink("warm", 0.0, 0)
+            for i, n in enumerate(_interleaved(counts, reps)):
+                walls.setdefault(("null", n), []).append(per_call(null, n))
+                walls.setdefault(("metric_sink", n), []).append(per_call(sink, n))
+                walls.setdefault(("log_metrics", n), []).append(batch(n, i))
     rows = []
     for kind in ("null", "metric_sink", "log_metrics"):
         for n in counts:

@@ -1,12 +1,15 @@
 """The GPU path, end to end, for a machine with CUDA: the shrunk pipeline and the step-time benchmark.
 
-    python benchmarks/gpu_check.py                     # both parts, prints one table
-    python benchmarks/gpu_check.py --skip-pipeline     # step times only
+    python -m benchmarks.gpu_check                     # both parts, prints one table
+    python -m benchmarks.gpu_check --skip-pipeline     # step times only
+
+Run from the project root with `-m`: the shrunk profile (tests/quick.py) and
+benchmarks/bench_threads.py are imported as `tests.quick` and `benchmarks.bench_threads`.
 
 1. Step time of every algorithm in `--algorithms` (default ProtoNet, MAML,
    FOMAML, ANIL, Baseline++) on CUDA vs the CPU (benchmarks/bench_threads.py's
    worker: fp32; and bf16 autocast on CUDA).
-2. The shrunk pipeline (metatransfer/quick.py) in a scratch project with
+2. The shrunk pipeline (tests/quick.py) in a scratch project with
    `runtime.device: cuda`, then `dvc repro -f` again with
    `runtime.deterministic: true`: stage wall times and whether the DVC outputs
    are byte-identical between the two CUDA runs.
@@ -27,14 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve()
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE.parent))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def step_times(algorithms: list[str], steps: int) -> list[dict]:
     """ms/step per algorithm on the CPU (all cores) and on CUDA (fp32, bf16)."""
-    from bench_threads import run_workers
+    from benchmarks.bench_threads import run_workers
 
     rows = []
     cores = len(os.sched_getaffinity(0))
@@ -61,7 +62,7 @@ def pipeline(mirror: str) -> dict:
     """The shrunk pipeline twice on CUDA; stage times and the byte comparison."""
     import yaml
 
-    from metatransfer import quick
+    from tests import quick
 
     params = quick.quick_params(yaml.safe_load((ROOT / "params.yaml").read_text()), mirror)
     params.setdefault("runtime", {}).update(device="cuda", deterministic=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metatransfer import quick
-from metatransfer.quick import project_env, quick_params  # noqa: F401  (project_env: used by tests)
+from tests import quick
+from tests.quick import project_env, quick_params  # noqa: F401  (project_env: used by tests)
 from tests.slices import make_slice_mirror
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from metatransfer.quick import project_env
+from tests.quick import project_env
 
 pytestmark = pytest.mark.slow
 

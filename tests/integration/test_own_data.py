@@ -23,7 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from metatransfer import quick
+from tests import quick
 from tests.integration.conftest import ROOT, project_env, slice_mirror
 from tests.integration.test_serving import free_port, server_env, stop, wait_ready
 from tests.integration.test_serving_images import post

@@ -2,7 +2,7 @@
 
 `mlflow server --serve-artifacts` runs on a free loopback port with its own
 sqlite backend store and artifact folder; a fresh shrunk project
-(`metatransfer.quick`) is reproduced with `MLFLOW_TRACKING_URI=http://...`,
+(`tests.quick`) is reproduced with `MLFLOW_TRACKING_URI=http://...`,
 then the registry actions (`promote --force`, `status`) and `metatransfer
 serve` run against the same server. Artifacts go through the server
 (`mlflow-artifacts:/` URIs), so the project never writes a local store and

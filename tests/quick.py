@@ -1,5 +1,9 @@
 """A seconds-long profile of the default params, for smoke runs, tests and
-orchestration benchmarks: the same stages and code, every size cut down."""
+orchestration benchmarks: the same stages and code, every size cut down.
+
+Test scaffolding, not part of the installed package: import it as
+`tests.quick` with the project root on sys.path (pytest from the root, or a
+benchmark run as `python -m benchmarks.<name>` from the root)."""
 
 from __future__ import annotations
 
