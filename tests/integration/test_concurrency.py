@@ -28,10 +28,10 @@ while not go.exists():
     time.sleep(0.01)
 with tracking.stage_run("meta_train", root, {f"p{j}": j for j in range(%d)}):
     with tracking.child_run(f"meta_train/worker{index}", tags={"worker": str(index)}):
-        sink = tracking.metric_sink()
-        for step in range(1, steps + 1):
-            sink("meta_train/loss", 1.0 / step, step)
-            sink("meta_train/query_acc", index + step / 1000, step)
+        with tracking.metric_sink(max_entries=50) as sink:  # 120 entries: two writes at the bound, one on close
+            for step in range(1, steps + 1):
+                sink("meta_train/loss", 1.0 / step, step)
+                sink("meta_train/query_acc", index + step / 1000, step)
         tracking.log_metrics({"val/best_acc": index / 10})
 print("DONE", index)
 """ % PARAMS

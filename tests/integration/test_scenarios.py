@@ -2,7 +2,11 @@
 (scenarios/heterogeneous.yaml, scenarios/unsupervised.yaml), shrunk by `quick_params`, run both
 ways: `dvc repro` in one copy, the Prefect `pipeline` flow in another. Both ways must leave the
 same DVC state and byte-identical models and metrics, and the report must show the scenario's
-results. (The homogeneous setting, params.yaml, is tests/integration/test_pipeline.py.)"""
+results. (The homogeneous setting, params.yaml, is tests/integration/test_pipeline.py.)
+
+The unsupervised run also carries the checks of a target without labels (issue 15 item 3): the
+cluster models are saved as target models, selection.json says no label was used,
+metrics/evaluate.json scores them against the hidden test labels, and both reports say so."""
 
 from __future__ import annotations
 
@@ -13,15 +17,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
-from metatransfer import quick
 from metatransfer.config import load_params
-from metatransfer.quick import project_env, quick_params
+from metatransfer.data.store import load_split
+from metatransfer.evaluation.clustering import clustering_scores
+from metatransfer.pixels import to_float
 from metatransfer.report import build_report, fmt_acc_ci
+from metatransfer.training.finetune import load_target_model
+from tests import quick
 from tests.integration.conftest import ROOT, slice_mirror
 from tests.integration.test_pipeline import STAGES, _dvc
+from tests.quick import project_env, quick_params
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +101,6 @@ def unsupervised(tmp_path_factory: pytest.TempPathFactory, mirror: Path) -> tupl
 def test_heterogeneous_scenario_both_ways(heterogeneous: tuple[Path, Path]) -> None:
     repro, flow = heterogeneous
     _assert_same_state(repro, flow)
-    from metatransfer.data.store import load_split
-
     prepared = repro / "data" / "prepared"
     assert load_split(prepared, "omniglot", "meta_test").images.shape[1:] == (1, 28, 28)
     assert load_split(prepared, "retinamnist", "test").images.shape[1:] == (3, 28, 28)
@@ -122,3 +130,60 @@ def test_unsupervised_scenario_both_ways(unsupervised: tuple[Path, Path]) -> Non
         assert sentence in page
         for r in scores["methods"].values():  # every method's NMI and ARI, as the card prints them
             assert f"<td>{r['nmi']:.3f}</td>" in page and f"<td>{r['ari']:.3f}</td>" in page
+
+
+def test_unlabelled_target_is_clustered_and_scored_against_hidden_labels(unsupervised: tuple[Path, Path]) -> None:
+    project = unsupervised[0]  # the flow's copy holds the same bytes (test above)
+    target = project / "models" / "target" / "breastmnist"
+    selection = json.loads((target / "selection.json").read_text())
+    info = selection["unlabeled"]
+    assert selection["chosen"] == "protonet" and info["labels_used"] == 0 and info["registered"] is True
+    assert set(selection["methods"]) == {"protonet", "fomaml", "pretrain", "scratch"}
+    k = info["k"]
+    n_train = len(load_split(project / "data" / "prepared", "breastmnist", "train").labels)
+    assert 2 <= k <= 3 and info["images"] == n_train > 500  # BreastMNIST's train split, whole
+    for method, fit in selection["methods"].items():
+        assert sum(fit["cluster_sizes"]) == n_train and sorted(fit["silhouettes"]) == ["2", "3"]
+        assert fit["self_training_steps"] in (0, 3)
+        model = load_target_model(target / method, fit["weights_sha256"])
+        assert model.class_names == [f"cluster_{i}" for i in range(fit["k"])]
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    scores = metrics["unlabeled_targets"]["breastmnist"]
+    assert scores["k"] == k and len(scores["class_names"]) == 2
+    test = load_split(project / "data" / "prepared", "breastmnist", "test")
+    for method in ("protonet", "scratch", "pretrain"):
+        r = scores["methods"][method]
+        assert r["images"] == len(test.labels) > 100 and 0.0 <= r["nmi"] <= 1.0 and -0.5 <= r["ari"] <= 1.0  # the whole test split
+        # the same numbers from the saved model and the hidden labels, recomputed here
+        model = load_target_model(target / method)
+        with torch.no_grad():
+            pred = model(to_float(np.array(test.images))).argmax(1).numpy()
+        keys = ("nmi", "ari", "matched_acc", "majority_rate")
+        assert {key: r[key] for key in keys} == {key: clustering_scores(test.labels, pred)[key] for key in keys}
+    assert "breastmnist" not in metrics["target_models"]
+    sentence = f"No labels were used for training; k={k}, clustering in the protonet embedding; scored against hidden labels"
+    # The reports the pipeline itself wrote (the test above rebuilds the page with build_report).
+    assert sentence in (project / "reports" / "evaluate.md").read_text()
+    assert sentence in (project / "reports" / "index.html").read_text()
+
+
+def test_unlabelled_cluster_model_is_registered_and_the_flow_gates_it_on_hidden_labels(
+        unsupervised: tuple[Path, Path]) -> None:
+    """Both ways registered the shipped cluster model as challenger with the scores `evaluate` wrote; the
+    flow's `promote` judged it on cross-fitted matched accuracy against the scratch clustering
+    (docs/registry.md "Unlabelled targets")."""
+    from mlflow.tracking import MlflowClient
+
+    from metatransfer import registry
+
+    scores = json.loads((unsupervised[0] / "metrics" / "evaluate.json").read_text())["unlabeled_targets"]
+    expected = {k: f"{scores['breastmnist']['methods']['protonet'][k]:.6f}" for k in ("nmi", "ari", "matched_acc")}
+    for project in unsupervised:
+        mv = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version_by_alias(
+            registry.model_name("breastmnist"), "challenger")
+        assert (mv.tags["kind"], mv.tags["labels_used"], mv.tags["method"]) == ("cluster_model", "0", "protonet")
+        assert {k: mv.tags[k] for k in expected} == expected
+    record = json.loads((unsupervised[1] / "reports" / "promotion.json").read_text())["breastmnist"]
+    assert record["reference"] == "baseline scratch" and record["reason"].startswith("matched accuracy")
+    passed = record["gain_mean"] >= record["margin"] and record["gain_ci_low"] > 0
+    assert record["decision"] == ("promoted" if passed else "rejected")
