@@ -3,13 +3,14 @@ reports/run_facts.json, the run-specific facts kept out of DVC's outputs."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from filelock import FileLock
 
 from metatransfer import layout
 from metatransfer.io import write_json_atomic
@@ -186,14 +187,10 @@ def record_run_facts(root: str | Path, stage: str, facts: dict[str, Any]) -> Pat
     """
     path = Path(root) / RUN_FACTS_PATH
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:  # stages of parallel runs may write at once
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            data = read_run_facts(root)
-            data[stage] = {**(data.get(stage) or {}), **facts}
-            write_json_atomic(path, data)
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with FileLock(path.with_name(path.name + ".lock")):  # stages of parallel runs may write at once
+        data = read_run_facts(root)
+        data[stage] = {**(data.get(stage) or {}), **facts}
+        write_json_atomic(path, data)
     return path
 
 
