@@ -3,7 +3,7 @@
     metatransfer run      [--stage S ...] [--prefect] [--force]
     metatransfer report
     metatransfer ui       {mlflow,prefect,report} [--port P] [--open]
-    metatransfer promote  [--target T ...] [--margin M] [--confidence C] [--n-episodes N] [--baseline METHOD]
+    metatransfer promote  [--target T ...] [--margin M] [--confidence C] [--n-folds N] [--baseline METHOD]
     metatransfer promote  --target T --force --reason "..."
     metatransfer rollback --target T
     metatransfer status   [--target T ...] [--json]
@@ -77,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("promote", help="run the promotion gate: challenger vs champion (or the baseline)",
                        description="Evaluate each target's `challenger` and current `champion` (or, with no champion, "
-                                   "the target model fine-tuned from the baseline method) on the same held-out episodes "
+                                   "the target model fine-tuned from the baseline method) on the same held-out test folds "
                                    "of the target test split; move `champion` to the challenger only if the mean gain is "
-                                   ">= margin and the paired confidence interval of the per-episode difference excludes 0. "
+                                   ">= margin and the paired confidence interval of the per-fold difference excludes 0. "
                                    "Unset flags come from params.yaml's `promote` section. When the challenger is the "
                                    "baseline method itself and there is no champion, it is compared with the next-best "
                                    "method instead. --force --reason moves `champion` to the challenger without the gate "
@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", action="append", help="target dataset (repeatable; default: finetune.targets)")
     p.add_argument("--margin", type=float, help="minimum mean accuracy gain (e.g. 0.01)")
     p.add_argument("--confidence", type=float, help="level of the paired interval (e.g. 0.95)")
-    p.add_argument("--n-episodes", type=int, help="disjoint held-out episodes cut from the test split")
+    p.add_argument("--n-folds", type=int, help="disjoint held-out test folds cut from the test split")
+    p.add_argument("--n-episodes", type=int, help=argparse.SUPPRESS)  # renamed to --n-folds: refused, saying so
     p.add_argument("--baseline", help="finetune method a first champion must beat (e.g. scratch)")
     p.add_argument("--force", action="store_true",
                    help="promote the challenger of each --target WITHOUT the gate (needs --target and --reason)")
@@ -135,9 +136,13 @@ def cmd_promote(args: argparse.Namespace, root: Path) -> int:
     from metatransfer import registry
     from metatransfer.config import load_params
 
+    if args.n_episodes is not None:
+        print("metatransfer promote: --n-episodes was renamed to --n-folds (disjoint held-out test folds of the "
+              "target test split, not N-way K-shot episodes)", file=sys.stderr)
+        return EXIT_USAGE
     if args.force or args.reason is not None:
         gate_flags = [f for f, v in (("--margin", args.margin), ("--confidence", args.confidence),
-                                     ("--n-episodes", args.n_episodes), ("--baseline", args.baseline)) if v is not None]
+                                     ("--n-folds", args.n_folds), ("--baseline", args.baseline)) if v is not None]
         problem = ("--reason is only for --force" if not args.force
                    else "--force needs --reason \"...\" (why the gate is overridden)" if not (args.reason or "").strip()
                    else "--force needs --target (each target promoted deliberately)" if not args.target
@@ -148,7 +153,7 @@ def cmd_promote(args: argparse.Namespace, root: Path) -> int:
         results = [registry.force_promote(root, t, args.reason) for t in args.target]
     else:
         settings = registry.gate_settings(load_params(root / "params.yaml"), margin=args.margin,
-                                          confidence=args.confidence, n_episodes=args.n_episodes,
+                                          confidence=args.confidence, n_folds=args.n_folds,
                                           baseline=args.baseline)
         results = registry.promote_targets(root, args.target, settings)
     lines = [f"{r.name}: {r.decision}{' (forced, without the gate)' if r.forced else ''} (challenger v{r.challenger} "

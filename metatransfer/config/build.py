@@ -49,6 +49,8 @@ class ConfigModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     error_where: ClassVar[str] = ""
     error_type: ClassVar[type[Exception]] = ConfigError
+    # Keys renamed since older params files (old -> new): an unknown-key error names the new one.
+    renamed_keys: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *args: Any, **data: Any) -> None:
         # Positional fields, in declaration order, as the dataclasses these models replace took them.
@@ -218,7 +220,8 @@ def config_error(
     Reports the first problem (unknown keys first, as they often explain the rest):
     "<where>.<key path>: <what is wrong>", e.g. "meta_train.hparams.maml.inner_lr:
     expected a number, found str ('fast')" or "prepare: unknown key(s) ['colour'];
-    valid keys: [...]".
+    valid keys: [...]"; a key the model lists in `renamed_keys` is named with its new name
+    ("...; promote.n_episodes was renamed to promote.n_folds").
 
     Args:
         exc: pydantic's error, from validating `cls`.
@@ -233,7 +236,11 @@ def config_error(
         keys = sorted((e["loc"][-1] for e in unknown if tuple(e["loc"][:-1]) == parent), key=str)
         path, tp, _ = _locate(cls, parent)
         valid = sorted(tp.model_fields) if _is_model(tp) else []
-        return error_type(f"{_join(where, path)}: unknown key(s) {keys}; valid keys: {valid}")
+        here = _join(where, path)
+        renamed = getattr(tp, "renamed_keys", {}) if _is_model(tp) else {}
+        moved = "".join(f"; {_join(here, str(k))} was renamed to {_join(here, renamed[k])}"
+                        for k in keys if isinstance(k, str) and k in renamed)
+        return error_type(f"{here}: unknown key(s) {keys}; valid keys: {valid}{moved}")
     # A mapping's bad key is reported before the problems of its value, which it often explains.
     keys_first = sorted(errors, key=lambda e: e["loc"][-1:] != ("[key]",))
     path, text = _message(keys_first[0], cls)

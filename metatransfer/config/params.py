@@ -6,7 +6,7 @@ choices; defaults live in params.yaml. Checks across keys: metatransfer/config/c
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -50,15 +50,18 @@ class EvaluateParams(ConfigModel):
 class PromoteParams(ConfigModel):
     """The promotion gate (metatransfer/registry/gate.py, docs/registry.md).
 
-    margin: minimum mean per-episode accuracy gain of the challenger over the reference.
-    confidence: level of the paired interval of the per-episode difference.
-    n_episodes: disjoint held-out episodes cut from each target's test split.
+    margin: minimum mean per-fold accuracy gain of the challenger over the reference.
+    confidence: level of the paired interval of the per-fold difference.
+    n_folds: disjoint held-out test folds cut from each target's test split (not N-way K-shot episodes).
     baseline: finetune method whose target model a first champion must beat.
     """
 
+    # Keys renamed since older params files: an unknown-key error names the new one.
+    renamed_keys: ClassVar[dict[str, str]] = {"n_episodes": "n_folds"}
+
     margin: Float = bounded(ge=0, hint="a minimum gain")
     confidence: Float = bounded(gt=0, lt=1)
-    n_episodes: Int = bounded(ge=2)
+    n_folds: Int = bounded(ge=2)
     baseline: Str  # one of finetune.methods (checks.py)
     # The quality gate before registration (docs/reproducibility.md): a target
     # model whose validation accuracy is not significantly above chance, or a

@@ -9,15 +9,15 @@ the alias `challenger` (see `register_finetune_result`, called by the
 
 The gate (docs/registry.md): the challenger and the reference (the current
 champion, or — while there is none — the target model fine-tuned from the
-baseline method) classify the same held-out episodes: the target's *test*
-split, shuffled with a fixed seed and cut into `n_episodes` disjoint
-episodes. Per-episode accuracy differences give a paired Student-t interval;
+baseline method) classify the same held-out test folds: the target's *test*
+split, shuffled with a fixed seed and cut into `n_folds` disjoint folds (not
+N-way K-shot episodes). Per-fold accuracy differences give a paired Student-t interval;
 promote only if the mean gain is ≥ `margin` and the interval lies above 0.
 A challenger that is the baseline method itself (and no champion yet) is
 compared with the next-best method instead (`next_best_method`); a person can
 promote without the gate, with a logged reason (`force_promote`).
-Disjoint episodes keep the per-episode values independent; overlapping
-resampled episodes would count each image many times and make the interval
+Disjoint folds keep the per-fold values independent; overlapping
+resampled folds would count each image many times and make the interval
 falsely narrow.
 
 Champion history is the registered-model tag `champion_history`
@@ -88,10 +88,10 @@ from metatransfer.registry.gate import (
     GateSettings,
     RegistryError,
     decide,
-    episode_accuracies,
-    episodes_digest,
-    gate_episodes,
+    fold_accuracies,
+    folds_digest,
     gate_settings,
+    test_folds,
 )
 from metatransfer.registry.predict import held_out_images, predict_folder, predict_uri
 from metatransfer.registry.promotion import force_promote, next_best_method, promote, promote_targets
@@ -117,11 +117,11 @@ __all__ = [
     "CHALLENGER", "CHAMPION", "CLUSTER_KIND", "DECISIONS_PATH", "NEEDS_REVIEW", "HISTORY_TAG", "LEARNER_TAG", "PREFIX", "QUALITY_TAG",
     "GateDecision", "GateSettings", "NoChallengerError", "cross_fitted_matched_accuracies", "hidden_label_scores",
     "is_cluster_model", "publish_cluster_result", "PromotionResult", "QualityVerdict", "RegistryError",
-    "RollbackResult", "alias_version", "champion_history", "class_tags", "client_for", "decide", "episode_accuracies",
-    "episodes_digest", "force_promote", "gate_episodes", "gate_settings", "held_out_images", "learner_gate", "learner_name",
+    "RollbackResult", "alias_version", "champion_history", "class_tags", "client_for", "decide", "fold_accuracies",
+    "folds_digest", "force_promote", "gate_settings", "held_out_images", "learner_gate", "learner_name",
     "learner_passed", "learner_quality", "log_learner_for", "majority_rate", "model_exists", "model_name",
     "move_alias", "move_champion", "next_best_method", "params_digest", "predict_folder", "predict_uri",
     "promote", "promote_targets", "provenance_tags", "publish_finetune_result", "record_decision",
     "register_finetune_result", "register_version", "registry_status", "require_challenger", "revert_changes",
-    "rollback", "set_history", "set_model_tag", "target_gate", "target_quality", "validation_table",
+    "rollback", "set_history", "set_model_tag", "target_gate", "target_quality", "test_folds", "validation_table",
 ]

@@ -38,10 +38,10 @@ from metatransfer.registry.gate import (
     GateSettings,
     RegistryError,
     decide,
-    episode_accuracies,
-    episodes_digest,
-    gate_episodes,
+    fold_accuracies,
+    folds_digest,
     gate_settings,
+    test_folds,
 )
 from metatransfer.registry.predict import held_out_images, predict_folder, predict_uri
 from metatransfer.registry.record import PromotionResult, now, project_params, record_decision
@@ -54,7 +54,7 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
             parent_run_id: str | None = None) -> PromotionResult:
     """Run the gate for `target`'s challenger and move `champion` if it passes.
 
-    The decision and its evidence (per-episode accuracies, episodes, interval)
+    The decision and its evidence (per-fold accuracies, test folds, interval)
     are logged to MLflow as a run named `promote` (tags: decision, target,
     challenger/champion versions; a JSON artifact `promote/<target>.json`),
     and summarised as tags on the challenger version.
@@ -113,11 +113,11 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
         log.warning("%s: %s", name, reason)
         result = PromotionResult(target, name, "rejected", reason, cv, before, before, f"baseline {settings.baseline}")
         record_decision(root, target, {**result.to_dict(), "confidence": settings.confidence,
-                                       "margin": settings.margin, "n_episodes": settings.n_episodes, "time": now()})
+                                       "margin": settings.margin, "n_folds": settings.n_folds, "time": now()})
         return result
 
     images, labels, fingerprint = held or held_out_images(params, root, target)
-    episodes = gate_episodes(len(labels), settings.n_episodes, settings.seed)
+    folds = test_folds(len(labels), settings.n_folds, settings.seed)
     chall_pred = predict_uri(f"models:/{name}/{cv}", images)
     if champion is not None:
         reference = f"champion v{before}"
@@ -140,12 +140,12 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
         ref_info = {"kind": kind, "method": folder.name, "path": str(folder.relative_to(root)),
                     "weights_sha256": sha256_file(folder / "model.safetensors")}
         ref_pred = predict_folder(folder, images)
-    score = cross_fitted_matched_accuracies if cluster else episode_accuracies
-    chall_acc, ref_acc = score(chall_pred, labels, episodes), score(ref_pred, labels, episodes)
+    score = cross_fitted_matched_accuracies if cluster else fold_accuracies
+    chall_acc, ref_acc = score(chall_pred, labels, folds), score(ref_pred, labels, folds)
     verdict = decide(chall_acc, ref_acc, settings.margin, settings.confidence)
     if cluster:
         verdict = GateDecision(verdict.promote, verdict.gain, "matched accuracy (each cluster mapped to a class on "
-                               f"the other episodes' images): {verdict.reason}")
+                               f"the other folds' images): {verdict.reason}")
     if is_baseline:
         why = (f"version {cv} is the baseline method {settings.baseline!r} itself, so it is compared with the "
                f"next-best method {next_best!r}: {verdict.reason}")
@@ -159,11 +159,11 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
         "settings": settings.model_dump(), "score": "matched_accuracy_cross_fitted" if cluster else "accuracy",
         "challenger": {"version": cv, "method": challenger.tags.get("method", ""), "acc": float(chall_acc.mean())},
         "reference": {**ref_info, "acc": float(ref_acc.mean())},
-        "episodes": {"split": "test", "n_images": int(len(labels)), "split_fingerprint": fingerprint,
-                     "n_episodes": len(episodes), "seed": settings.seed, "sha256": episodes_digest(episodes),
-                     "indices": [e.tolist() for e in episodes]},
-        "per_episode": {"challenger": chall_acc.tolist(), "reference": ref_acc.tolist(),
-                        "difference": (chall_acc - ref_acc).tolist()},
+        "folds": {"split": "test", "n_images": int(len(labels)), "split_fingerprint": fingerprint,
+                  "n_folds": len(folds), "seed": settings.seed, "sha256": folds_digest(folds),
+                  "indices": [f.tolist() for f in folds]},
+        "per_fold": {"challenger": chall_acc.tolist(), "reference": ref_acc.tolist(),
+                     "difference": (chall_acc - ref_acc).tolist()},
         "gain": {"mean": verdict.gain.mean, "ci_low": verdict.gain.low, "ci_high": verdict.gain.high,
                  "confidence": settings.confidence, "n": verdict.gain.n},
         "champion_before": before, "champion_after": after,
@@ -189,7 +189,7 @@ def promote(root: str | Path, target: str, settings: GateSettings | None = None,
     result = PromotionResult(target, name, decision, verdict.reason, cv, before, after, reference,
                              verdict.gain.mean, verdict.gain.low, verdict.gain.high, run_id, evidence)
     record_decision(root, target, {**result.to_dict(), "confidence": settings.confidence, "margin": settings.margin,
-                                   "n_episodes": settings.n_episodes, "time": now()})
+                                   "n_folds": settings.n_folds, "time": now()})
     return result
 
 

@@ -47,7 +47,7 @@ class PromotionResult:
     forced: bool = False  # moved by `force_promote` (a person's decision, without the gate)
 
     def to_dict(self, evidence: bool = False) -> dict[str, Any]:
-        """JSON-ready dict (the per-episode evidence only when asked)."""
+        """JSON-ready dict (the per-fold evidence only when asked)."""
         d = asdict(self)
         if not evidence:
             d.pop("evidence")

@@ -16,8 +16,8 @@ nothing until someone says which cluster is which finding, and a silhouette
 compares embeddings with themselves, not with the clinic's classes, so it is
 never a gate. With hidden labels the usual gate runs on **matched accuracy**:
 each model's clusters are mapped one-to-one to classes (Hungarian algorithm)
-on the *other* episodes' images and scored on the episode's own
-(`cross_fitted_matched_accuracies`), so no episode is scored with a mapping
+on the *other* test folds' images and scored on the fold's own
+(`cross_fitted_matched_accuracies`), so no fold is scored with a mapping
 chosen on it. Without hidden labels nothing can be measured: `promote`
 answers `needs_review` and names `--force --reason`, a person's decision.
 """
@@ -89,23 +89,23 @@ def hidden_label_scores(params: Any, root: str | Path, target: str, folder: str 
 
 
 def cross_fitted_matched_accuracies(predictions: np.ndarray, labels: np.ndarray,
-                                    episodes: list[np.ndarray]) -> np.ndarray:
-    """Per-episode accuracy of cluster ids, each episode scored with the cluster -> class mapping fitted
-    on the other episodes' images.
+                                    folds: list[np.ndarray]) -> np.ndarray:
+    """Per-fold accuracy of cluster ids, each test fold scored with the cluster -> class mapping fitted
+    on the other folds' images.
 
     The mapping is the one-to-one assignment (Hungarian algorithm) that maximises the matches on the
-    other episodes; a cluster with no image there stays unmapped and counts as wrong. Fitting it on
-    the episode itself would score every model with the mapping best for that episode: optimistic,
+    other folds; a cluster with no image there stays unmapped and counts as wrong. Fitting it on
+    the fold itself would score every model with the mapping best for that fold: optimistic,
     and most for the model with the most clusters. A classifier's class ids work too (its mapping is
     the identity wherever it is better than chance).
 
     Args:
         predictions: cluster (or class) id per test image.
         labels: class per test image (int, >= 0).
-        episodes: disjoint index arrays (`gate.gate_episodes`).
+        folds: disjoint index arrays (`gate.test_folds`).
 
     Returns:
-        float64 accuracy per episode.
+        float64 accuracy per fold.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -116,7 +116,7 @@ def cross_fitted_matched_accuracies(predictions: np.ndarray, labels: np.ndarray,
     full = np.zeros(shape, dtype=np.int64)
     np.add.at(full, (pred, lab), 1)
     out = []
-    for e in episodes:
+    for e in folds:
         rest = full.copy()
         np.subtract.at(rest, (pred[e], lab[e]), 1)
         rows, cols = linear_sum_assignment(rest, maximize=True)

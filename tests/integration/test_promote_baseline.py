@@ -82,7 +82,7 @@ def test_baseline_challenger_is_compared_with_the_next_best_method(baseline_chal
     labels = rng.integers(0, 2, 40)
     # The target's test split: this tiny project has no prepared data, the models and registry are real.
     monkeypatch.setattr(registry.promotion, "held_out_images", lambda params, root, target: (images, labels, "fp"))
-    settings = registry.GateSettings(n_episodes=4)
+    settings = registry.GateSettings(n_folds=4)
     result = registry.promote(project, TARGET, settings)
     assert result.reference == "next-best protonet"
     assert result.evidence["reference"]["kind"] == "next_best" and result.evidence["reference"]["method"] == "protonet"

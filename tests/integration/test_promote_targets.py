@@ -41,6 +41,6 @@ def test_without_missing_ok_no_challenger_is_an_error_of_its_own_type(project: P
 
 def test_missing_ok_does_not_hide_other_registry_errors(project: Path) -> None:
     """A bad gate setting is a RegistryError too, but not "no challenger": it is raised."""
-    with pytest.raises(RegistryError, match=r"promote\.n_episodes: must be >= 2") as info:
-        registry.promote_targets(project, [TARGET], GateSettings(n_episodes=1), missing_ok=True)
+    with pytest.raises(RegistryError, match=r"promote\.n_folds: must be >= 2") as info:
+        registry.promote_targets(project, [TARGET], GateSettings(n_folds=1), missing_ok=True)
     assert not isinstance(info.value, NoChallengerError)

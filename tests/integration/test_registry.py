@@ -27,27 +27,27 @@ from metatransfer.evaluation.stats import paired_difference
 
 TARGET = "breastmnist"
 NAME = registry.model_name(TARGET)
-SETTINGS = registry.GateSettings(margin=0.01, confidence=0.95, n_episodes=20, baseline="scratch", seed=0)
+SETTINGS = registry.GateSettings(margin=0.01, confidence=0.95, n_folds=20, baseline="scratch", seed=0)
 
 
 # --------------------------------------------------------------------------- the gate's pure parts (fast)
-def test_gate_episodes_are_disjoint_cover_the_split_and_are_seeded() -> None:
-    eps = registry.gate_episodes(156, 20, seed=0)
+def test_test_folds_are_disjoint_cover_the_split_and_are_seeded() -> None:
+    eps = registry.test_folds(156, 20, seed=0)
     allidx = np.concatenate(eps)
     assert len(eps) == 20 and sorted(allidx.tolist()) == list(range(156))  # every image exactly once
     assert {len(e) for e in eps} == {7, 8}
-    again = registry.gate_episodes(156, 20, seed=0)
-    assert registry.episodes_digest(eps) == registry.episodes_digest(again)
-    assert registry.episodes_digest(eps) != registry.episodes_digest(registry.gate_episodes(156, 20, seed=1))
-    with pytest.raises(registry.RegistryError, match=r"n_episodes: must be in \[2, 5\]"):
-        registry.gate_episodes(5, 6, seed=0)
+    again = registry.test_folds(156, 20, seed=0)
+    assert registry.folds_digest(eps) == registry.folds_digest(again)
+    assert registry.folds_digest(eps) != registry.folds_digest(registry.test_folds(156, 20, seed=1))
+    with pytest.raises(registry.RegistryError, match=r"promote\.n_folds: must be in \[2, 5\]"):
+        registry.test_folds(5, 6, seed=0)
 
 
-def test_episode_accuracies_average_per_image_correctness() -> None:
+def test_fold_accuracies_average_per_image_correctness() -> None:
     labels = np.array([0, 1, 1, 0, 1, 0])
     pred = np.array([0, 1, 0, 0, 0, 0])
     eps = [np.array([0, 1, 2]), np.array([3, 4, 5])]
-    assert registry.episode_accuracies(pred, labels, eps).tolist() == pytest.approx([2 / 3, 2 / 3])
+    assert registry.fold_accuracies(pred, labels, eps).tolist() == pytest.approx([2 / 3, 2 / 3])
 
 
 def test_decide_needs_margin_and_an_interval_above_zero() -> None:
@@ -70,7 +70,7 @@ def test_gate_settings_refuse_bad_values() -> None:
         registry.gate_settings(confidence=1.5)
     with pytest.raises(registry.RegistryError, match=r"promote.margin: must be >= 0 \(a minimum gain\), found -0.1"):
         registry.gate_settings(margin=-0.1)
-    assert registry.gate_settings(None, margin=None, n_episodes=10).n_episodes == 10  # None = unset flag
+    assert registry.gate_settings(None, margin=None, n_folds=10).n_folds == 10  # None = unset flag
 
 
 def test_gate_settings_come_from_the_params_file_then_the_flags(tmp_path: Path, project_root: Path) -> None:
@@ -79,13 +79,13 @@ def test_gate_settings_come_from_the_params_file_then_the_flags(tmp_path: Path, 
 
     raw = yaml.safe_load((project_root / "params.yaml").read_text())
     raw["seed"] = 3
-    raw["promote"].update(margin=0.02, confidence=0.9, n_episodes=10, baseline="pretrain")
+    raw["promote"].update(margin=0.02, confidence=0.9, n_folds=10, baseline="pretrain")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(tmp_path / "params.yaml")
     assert registry.gate_settings(params) == registry.GateSettings(
-        margin=0.02, confidence=0.9, n_episodes=10, baseline="pretrain", seed=3)
-    assert registry.gate_settings(params, n_episodes=12, margin=None) == registry.GateSettings(
-        margin=0.02, confidence=0.9, n_episodes=12, baseline="pretrain", seed=3)
+        margin=0.02, confidence=0.9, n_folds=10, baseline="pretrain", seed=3)
+    assert registry.gate_settings(params, n_folds=12, margin=None) == registry.GateSettings(
+        margin=0.02, confidence=0.9, n_folds=12, baseline="pretrain", seed=3)
     # A params file without a `promote` section: the code defaults, with the file's seed.
     del raw["promote"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -308,7 +308,7 @@ def test_worse_challengers_never_become_champion_and_better_ones_do(chain) -> No
     learner_champion = str(client.get_model_version_by_alias(registry.learner_name(TARGET), "champion").version)
     assert learner_champion == s["better"][0]["learner"]["version"]
     assert client.get_model_version(NAME, "3").tags["gate_decision"] == "rejected"
-    # The gate's mean accuracies are the per-image test accuracies (episodes partition the split).
+    # The gate's mean accuracies are the per-image test accuracies (the test folds partition the split).
     assert better.evidence["challenger"]["acc"] == pytest.approx(chain["accs"]["better"], abs=0.02)
 
 
@@ -326,15 +326,15 @@ def test_promote_runs_log_the_decision_and_reproducible_evidence(chain) -> None:
     assert run.data.tags["previous_champion_version"] == "2" and run.data.tags["reference"] == "champion v2"
     assert run.data.tags["mlflow.parentRunId"] == chain["parent"]  # a child of the pipeline run
     evidence = json.loads(Path(client.download_artifacts(run.info.run_id, f"promote/{TARGET}.json")).read_text())
-    # Recompute the interval from the logged per-episode accuracies: it must match the logged metrics.
-    d = paired_difference(evidence["per_episode"]["challenger"], evidence["per_episode"]["reference"], 0.95)
+    # Recompute the interval from the logged per-fold accuracies: it must match the logged metrics.
+    d = paired_difference(evidence["per_fold"]["challenger"], evidence["per_fold"]["reference"], 0.95)
     assert run.data.metrics["promote/gain_mean"] == pytest.approx(d.mean)
     assert run.data.metrics["promote/gain_ci_low"] == pytest.approx(d.low)
     assert run.data.metrics["promote/gain_ci_high"] == pytest.approx(d.high)
-    # The episodes are exactly the seeded partition of the test split.
-    expected = registry.gate_episodes(len(chain["labels"]), SETTINGS.n_episodes, SETTINGS.seed)
-    assert evidence["episodes"]["indices"] == [e.tolist() for e in expected]
-    assert evidence["episodes"]["sha256"] == registry.episodes_digest(expected)
+    # The test folds are exactly the seeded partition of the test split.
+    expected = registry.test_folds(len(chain["labels"]), SETTINGS.n_folds, SETTINGS.seed)
+    assert evidence["folds"]["indices"] == [e.tolist() for e in expected]
+    assert evidence["folds"]["sha256"] == registry.folds_digest(expected)
     assert by_challenger["1"].data.tags["decision"] == "rejected"
     assert by_challenger["1"].data.tags["reference"] == "baseline scratch"
 

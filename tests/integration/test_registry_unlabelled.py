@@ -142,15 +142,15 @@ def test_cluster_model_is_registered_served_and_promoted_by_the_documented_rule(
     # method itself and no other method was clustered: rejected, with the way out named.
     first = registry.promote(root, TARGET)
     assert first.decision == "rejected" and "--force" in first.reason and first.champion_after is None
-    settings = registry.GateSettings(margin=0.01, confidence=0.95, n_episodes=4, baseline="collapsed", seed=0)
+    settings = registry.GateSettings(margin=0.01, confidence=0.95, n_folds=4, baseline="collapsed", seed=0)
     collapsed_model(root)
     gated = registry.promote(root, TARGET, settings)
-    episodes = registry.gate_episodes(20, 4, 0)
-    expected = registry.cross_fitted_matched_accuracies(clusters, np.repeat([0, 1], 10), episodes)
+    folds = registry.test_folds(20, 4, 0)
+    expected = registry.cross_fitted_matched_accuracies(clusters, np.repeat([0, 1], 10), folds)
     assert gated.decision == "promoted" and gated.champion_after == "1" and gated.reference == "baseline collapsed"
     assert gated.evidence["score"] == "matched_accuracy_cross_fitted"
-    assert gated.evidence["per_episode"]["challenger"] == expected.tolist() == [1.0] * 4
-    assert gated.reason.startswith("matched accuracy (each cluster mapped to a class on the other episodes' images)")
+    assert gated.evidence["per_fold"]["challenger"] == expected.tolist() == [1.0] * 4
+    assert gated.reason.startswith("matched accuracy (each cluster mapped to a class on the other folds' images)")
     assert gated.gain_ci_low > 0
 
     # The same model again (a re-run of finetune): judged against the champion, gain 0, rejected.
@@ -179,18 +179,18 @@ def test_cluster_model_is_registered_served_and_promoted_by_the_documented_rule(
     assert f"registered as {NAME} v2" in card and "Clustered without labels. Promoted: champion v2. clusters reviewed" in card
 
 
-def test_cross_fitted_mapping_never_scores_an_episode_with_its_own_mapping() -> None:
+def test_cross_fitted_mapping_never_scores_a_fold_with_its_own_mapping() -> None:
     labels = np.array([0, 0, 1, 1, 0, 1])
-    # Cluster 2 appears only in episode 0 and cluster 0 only in episode 2: the other episodes give them
-    # no evidence, so there they stay unmapped and count as wrong (a mapping fitted on the episode itself
+    # Cluster 2 appears only in fold 0 and cluster 0 only in fold 2: the other folds give them
+    # no evidence, so there they stay unmapped and count as wrong (a mapping fitted on the fold itself
     # would score 1.0 everywhere). Cluster 1 is class 1 wherever it is seen.
     clusters = np.array([2, 2, 1, 1, 0, 1])
-    episodes = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5])]
-    assert registry.cross_fitted_matched_accuracies(clusters, labels, episodes).tolist() == [0.0, 1.0, 0.5]
+    folds = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5])]
+    assert registry.cross_fitted_matched_accuracies(clusters, labels, folds).tolist() == [0.0, 1.0, 0.5]
     # A classifier's own class ids: the mapping is the identity.
-    assert registry.cross_fitted_matched_accuracies(labels, labels, episodes).tolist() == [1.0, 1.0, 1.0]
+    assert registry.cross_fitted_matched_accuracies(labels, labels, folds).tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(registry.RegistryError, match=r"predictions \(5,\) and labels \(6,\) differ in shape"):
-        registry.cross_fitted_matched_accuracies(clusters[:5], labels, episodes)
+        registry.cross_fitted_matched_accuracies(clusters[:5], labels, folds)
 
 
 def test_hidden_labels_need_a_test_split_of_two_classes(project) -> None:

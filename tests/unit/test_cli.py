@@ -33,6 +33,12 @@ def test_prefect_run_refuses_a_stage_subset(capsys: pytest.CaptureFixture[str]) 
     assert "--prefect runs every stage" in capsys.readouterr().err
 
 
+def test_promote_old_n_episodes_flag_names_its_new_name(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--root", str(ROOT), "promote", "--n-episodes", "10"]) == 2
+    assert "--n-episodes was renamed to --n-folds" in capsys.readouterr().err
+    assert "--n-episodes" not in (main(["promote", "--help"]), capsys.readouterr().out)[1]
+
+
 def test_missing_project_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--root", str(tmp_path), "status"]) == 1
     assert f"{tmp_path / 'params.yaml'} not found" in capsys.readouterr().err

@@ -70,6 +70,20 @@ def test_unknown_nested_key_names_its_path(raw: dict) -> None:
         params_from_mapping(raw)
 
 
+def test_renamed_key_names_its_new_name(raw: dict) -> None:
+    # promote.n_episodes (disjoint test folds, not N-way K-shot episodes) is now promote.n_folds.
+    raw["promote"]["n_episodes"] = raw["promote"].pop("n_folds")
+    with pytest.raises(ConfigError, match=r"^params\.yaml: promote: unknown key\(s\) \['n_episodes'\]; valid keys: "
+                                          r"\[.*'n_folds'.*\]; promote\.n_episodes was renamed to promote\.n_folds\. "):
+        params_from_mapping(raw)
+    # The gate's own settings (CLI overrides, code) say the same, as the registry's error.
+    from metatransfer.registry import GateSettings, RegistryError
+    with pytest.raises(RegistryError, match=r"promote\.n_episodes was renamed to promote\.n_folds$"):
+        GateSettings(n_episodes=20)
+    # The real episode sets keep their n_episodes.
+    assert all("n_episodes" in s for s in raw["episodes"]["sets"].values())
+
+
 def test_wrong_type_names_key_expected_and_found(raw: dict) -> None:
     raw["prepare"]["image_size"] = "28"
     with pytest.raises(ConfigError) as err:
@@ -381,7 +395,7 @@ def test_direct_construction_is_validated_with_the_same_messages() -> None:
         GateSettings(confidence=1)
     with pytest.raises(RegistryError, match=r"^promote\.baseline: must name a finetune method \(e\.g\. scratch\)$"):
         gate_settings(None, baseline="")
-    with pytest.raises(RegistryError, match=r"^promote\.n_episodes: must be >= 2 \(an interval needs two episodes\), found 1$"):
-        gate_settings(None, n_episodes=1)
+    with pytest.raises(RegistryError, match=r"^promote\.n_folds: must be >= 2 \(an interval needs two folds\), found 1$"):
+        gate_settings(None, n_folds=1)
     assert gate_settings(None, margin=0).model_dump() == {
-        "margin": 0.0, "confidence": 0.95, "n_episodes": 20, "baseline": "scratch", "seed": 0}
+        "margin": 0.0, "confidence": 0.95, "n_folds": 20, "baseline": "scratch", "seed": 0}

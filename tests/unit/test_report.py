@@ -216,7 +216,7 @@ def _decision(decision: str = "promoted", challenger: str = "3", reason: str = G
             "challenger": challenger, "champion_before": None,
             "champion_after": challenger if decision == "promoted" else None, "reference": "baseline scratch",
             "gain_mean": 0.03, "gain_ci_low": 0.011, "gain_ci_high": 0.049, "run_id": "r9", "confidence": 0.95,
-            "margin": 0.01, "n_episodes": 200, "time": "2025-01-01T00:00:00Z", **extra}
+            "margin": 0.01, "n_folds": 200, "time": "2025-01-01T00:00:00Z", **extra}
 
 
 def _promotion_section(page: str) -> str:
