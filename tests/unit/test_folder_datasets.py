@@ -324,7 +324,7 @@ def test_given_val_folder_is_kept_and_source_role_needs_disjoint_classes(tmp_pat
     root = tmp_path / "t"
     for split, n in (("train", 4), ("val", 2), ("test", 2)):
         for i in range(n):
-            _img(root / split / "a" / f"{i}.png", "RGB", value=hash((split, i)) % 1000)
+            _img(root / split / "a" / f"{i}.png", "RGB", value=10 * ("train", "val", "test").index(split) + i)  # distinct seeds: no duplicate images
     p = params(val_fraction=0.5, image_folders={"t": ImageFolderParams(str(root), "target", (1.0, 0.0, 0.0))})
     prep.prepare(p, ("t",), tmp_path / "raw", tmp_path / "out", 0)
     m = load_manifest(tmp_path / "out", "t")
